@@ -1,0 +1,10 @@
+//! bridge-guard's kernel side: hooks on bridge port-state, membership and STP changes, all
+//! feeding the `EVENTS` ring buffer with `bridge_guard_common::Event` records.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs;
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

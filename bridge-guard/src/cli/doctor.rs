@@ -1,0 +1,147 @@
+//! `bridge-guard doctor`: what this kernel allows, and which hook tier each observation gets.
+
+use std::fmt::Write as _;
+
+use serde_json::json;
+
+use crate::{
+    sources::ebpf::{self, FD_TIMER_SYMBOL, Options, Probes, offsets},
+    sys::{caps, kallsyms},
+};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
+}
+
+/// Where the bridge code lives: built in, a loaded module, or not loaded at all.
+fn bridge_code(opts: &Options) -> String {
+    match kallsyms::find(&opts.kallsyms, "br_set_state") {
+        Ok(Some(sym)) => match sym.module {
+            Some(m) => format!("module {m} (loaded)"),
+            None => "built in".to_owned(),
+        },
+        Ok(None) => "not loaded (modprobe bridge, or create a bridge)".to_owned(),
+        Err(e) => format!("unknown ({}: {e})", opts.kallsyms.display()),
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    let opts = Options::default();
+    let caps = caps::Caps::current().ok();
+    let probes = Probes::attach(&opts);
+    let programs = ebpf::verify_all(&opts);
+    let (facts, _) = ebpf::KernelFacts::gather(&opts);
+    let module_btf = opts.btf_dir.join("bridge");
+
+    let capabilities: Vec<_> = caps::WANTED
+        .iter()
+        .map(|&(num, name, why)| (name, caps.is_some_and(|c| c.has(num)), why))
+        .collect();
+    let offsets = offsets::describe(&facts.offsets.offsets);
+
+    if args.json {
+        let report = json!({
+            "kernel": kernel_release(),
+            "bridge": bridge_code(&opts),
+            "btf": {
+                "vmlinux": opts.btf_dir.join("vmlinux").exists(),
+                "bridge_module": module_btf.exists(),
+                "sources": facts.offsets.sources,
+                "error": facts.offsets_error,
+            },
+            "offsets": offsets.iter().map(|(n, v)| (n.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "fd_timer_fn": facts.fd_timer_fn.map(|a| format!("{a:#x}")),
+            "capabilities": capabilities.iter().map(|(n, has, _)| (n.to_string(), json!(has))).collect::<serde_json::Map<_, _>>(),
+            "memlock": facts.memlock.to_string(),
+            "ebpf": match &probes {
+                Ok(p) => json!({
+                    "loaded": true,
+                    "ring_buffer": true,
+                    "hooks": p.hooks,
+                    "timer_context": p.timer_context.as_ref().map(|r| r.as_ref().map_or_else(|e| e.clone(), |()| "ok".to_owned())),
+                }),
+                Err(e) => json!({ "loaded": false, "error": crate::error_chain(e) }),
+            },
+            "programs": match &programs {
+                Ok(list) => list.iter().map(|(n, r)| (n.to_string(), json!(r.as_ref().map_or_else(|e| e.clone(), |()| "ok".to_owned())))).collect::<serde_json::Map<_, _>>(),
+                Err(_) => serde_json::Map::new(),
+            },
+        });
+        println!("{report:#}");
+        return Ok(());
+    }
+
+    let mut out = String::new();
+    let w = &mut out;
+    writeln!(w, "bridge-guard doctor")?;
+    writeln!(w, "  kernel        {}", kernel_release())?;
+    writeln!(w, "  bridge code   {}", bridge_code(&opts))?;
+    writeln!(
+        w,
+        "  btf           vmlinux: {}; bridge module: {}",
+        yes_no(opts.btf_dir.join("vmlinux").exists()),
+        if module_btf.exists() { "yes" } else { "no (fine where bridge is built in)" }
+    )?;
+    let resolved = offsets.iter().filter(|(_, v)| v.is_some()).count();
+    writeln!(w, "  offsets       {resolved}/{} resolved from BTF", offsets.len())?;
+    for (name, v) in &offsets {
+        match v {
+            Some(v) => writeln!(w, "                  {name:<38} {v}")?,
+            None => writeln!(w, "                  {name:<38} absent")?,
+        }
+    }
+    if let Some(e) = &facts.offsets_error {
+        writeln!(w, "                  error: {e}")?;
+    }
+    match facts.fd_timer_fn {
+        Some(a) => writeln!(w, "  kallsyms      {FD_TIMER_SYMBOL} at {a:#x}")?,
+        None => writeln!(w, "  kallsyms      {FD_TIMER_SYMBOL} not found: no tracepoint tier")?,
+    }
+    writeln!(w, "  capabilities")?;
+    for (name, has, why) in &capabilities {
+        writeln!(w, "                  {name:<18} {:<4} {why}", yes_no(*has))?;
+    }
+    writeln!(w, "  memlock       {}", facts.memlock)?;
+    match &probes {
+        Ok(p) => {
+            writeln!(w, "  ring buffer   ok")?;
+            writeln!(w, "\n  {:<12} {:<11} why not a better tier", "hook", "tier")?;
+            for h in &p.hooks {
+                let why: Vec<String> =
+                    h.failures.iter().map(|f| format!("{}: {}", f.tier, f.reason)).collect();
+                writeln!(w, "  {:<12} {:<11} {}", h.hook, h.tier.to_string(), why.join("; "))?;
+            }
+            if let Some(r) = &p.timer_context {
+                let state = r.as_ref().map_or_else(|e| format!("none ({e})"), |()| "tracepoint".into());
+                writeln!(w, "  {:<12} {state}", "timer-ctx")?;
+            }
+        }
+        Err(e) => {
+            writeln!(w, "  ebpf          not available: {}", crate::error_chain(e))?;
+            writeln!(w, "                bridge-guard can still run on netlink alone")?;
+        }
+    }
+    if let Ok(list) = &programs {
+        writeln!(w, "\n  programs (loaded to check the verifier, whether or not they attach here)")?;
+        for (name, r) in list {
+            match r {
+                Ok(()) => writeln!(w, "    {name:<22} ok")?,
+                Err(e) => writeln!(w, "    {name:<22} {e}")?,
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}

@@ -1,0 +1,223 @@
+//! The eBPF source: loads the embedded programs with offsets from BTF, picks a hook tier per
+//! thing observed, and streams decoded events from the ring buffer.
+
+pub mod hooks;
+pub mod offsets;
+pub mod ring;
+
+use std::path::PathBuf;
+
+use aya::{Btf, Ebpf, EbpfLoader, maps::Array};
+use bridge_guard_common::settings;
+
+use self::hooks::{HookReport, Tier};
+use crate::sys::{caps, kallsyms};
+
+/// The eBPF object built by `build.rs`; empty when the eBPF toolchain was missing at build time.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bridge-guard"));
+
+/// The function every port's forward-delay timer runs; the tracepoint tier matches on it.
+pub const FD_TIMER_SYMBOL: &str = "br_forward_delay_timer_expired";
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this bridge-guard was built without its eBPF programs (bpf-linker was missing at build \
+         time); run `cargo xtask setup` and rebuild"
+    )]
+    NotBuilt,
+    #[error("cannot load the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("cannot poll the ring buffer")]
+    Poll(#[source] std::io::Error),
+    #[error("eBPF map {name}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Where to find kernel facts; tests and the VM matrix point these elsewhere.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Report only this network namespace (inode); `None` reports all.
+    pub netns: Option<u32>,
+    pub btf_dir: PathBuf,
+    pub kallsyms: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            netns: None,
+            btf_dir: PathBuf::from("/sys/kernel/btf"),
+            kallsyms: PathBuf::from("/proc/kallsyms"),
+        }
+    }
+}
+
+/// What start-up found out about the kernel, for logs and `doctor`.
+#[derive(Debug)]
+pub struct KernelFacts {
+    pub offsets: offsets::Resolved,
+    /// Why offsets could not be resolved at all, if they could not.
+    pub offsets_error: Option<String>,
+    pub fd_timer_fn: Option<u64>,
+    pub memlock: caps::Memlock,
+    /// aya's view of the kernel BTF, needed to load fentry/fexit and tp_btf programs.
+    pub btf_loaded: Result<(), String>,
+}
+
+impl KernelFacts {
+    pub fn gather(opts: &Options) -> (Self, Option<Btf>) {
+        let memlock = caps::raise_memlock();
+        if let caps::Memlock::Kept { .. } = &memlock {
+            tracing::warn!("RLIMIT_MEMLOCK {memlock}");
+        }
+        let (offsets, offsets_error) = match offsets::resolve(&opts.btf_dir) {
+            Ok(resolved) => {
+                if !resolved.absent.is_empty() {
+                    tracing::warn!(absent = ?resolved.absent, "kernel BTF lacks some fields; events will miss them");
+                }
+                (resolved, None)
+            }
+            Err(e) => {
+                tracing::warn!("{}", crate::error_chain(&e));
+                (offsets::Resolved::none(), Some(crate::error_chain(&e)))
+            }
+        };
+        let fd_timer_fn = match kallsyms::lookup(&opts.kallsyms, FD_TIMER_SYMBOL) {
+            Ok(addr) => addr,
+            Err(e) => {
+                tracing::warn!("cannot read {}: {e}", opts.kallsyms.display());
+                None
+            }
+        };
+        let btf = Btf::parse_file(opts.btf_dir.join("vmlinux"), aya::Endianness::default());
+        let btf_loaded = btf.as_ref().map(drop).map_err(ToString::to_string);
+        (
+            Self {
+                offsets,
+                offsets_error,
+                fd_timer_fn,
+                memlock,
+                btf_loaded,
+            },
+            btf.ok(),
+        )
+    }
+}
+
+/// Loaded and attached programs. Dropping this detaches everything.
+pub struct Probes {
+    ebpf: Ebpf,
+    pub hooks: Vec<HookReport>,
+    /// Outcome of attaching the timer-context programs beside a better port-state tier.
+    pub timer_context: Option<Result<(), String>>,
+    pub facts: KernelFacts,
+}
+
+/// Loads the programs with this kernel's offsets, without attaching any.
+pub fn load_object(opts: &Options, facts: &KernelFacts) -> Result<Ebpf, EbpfError> {
+    if OBJECT.is_empty() {
+        return Err(EbpfError::NotBuilt);
+    }
+    let netns = opts.netns.unwrap_or(0);
+    let fd_timer = facts.fd_timer_fn.unwrap_or(0);
+    EbpfLoader::new()
+        .override_global("OFFSETS", &facts.offsets.offsets, true)
+        .override_global("FD_TIMER_FN", &fd_timer, true)
+        .override_global("NETNS_FILTER", &netns, true)
+        .load(OBJECT)
+        .map_err(EbpfError::Load)
+}
+
+impl Probes {
+    /// Loads the programs, picks and attaches a tier per hook, and arms the tracepoint tier if
+    /// it was chosen.
+    pub fn attach(opts: &Options) -> Result<Self, EbpfError> {
+        let (facts, btf) = KernelFacts::gather(opts);
+        let mut ebpf = load_object(opts, &facts)?;
+        let timer_ok = |hook: &str, tier: Tier| -> Result<(), String> {
+            if tier != Tier::Tracepoint || hook != "port-state" {
+                return Ok(());
+            }
+            if facts.fd_timer_fn.is_none() {
+                return Err(format!("{FD_TIMER_SYMBOL} not found in {}", opts.kallsyms.display()));
+            }
+            let o = &facts.offsets.offsets;
+            if o.port_fd_timer == bridge_guard_common::ABSENT || o.timer_function == bridge_guard_common::ABSENT {
+                return Err("BTF lacks net_bridge_port.forward_delay_timer or timer_list.function".into());
+            }
+            Ok(())
+        };
+        let hooks = hooks::select(&mut ebpf, btf.as_ref(), timer_ok);
+        let port_tier = hooks
+            .iter()
+            .find(|h| h.hook == "port-state")
+            .map_or(Tier::None, |h| h.tier);
+        let timer_context = matches!(port_tier, Tier::Fentry | Tier::Kprobe).then(|| {
+            let r = hooks::try_tier(&mut ebpf, btf.as_ref(), hooks::TIMER_CONTEXT);
+            match &r {
+                Ok(()) => tracing::info!("timer context: tracepoint (state changes by the STP timer are attributed to it)"),
+                Err(e) => tracing::warn!("timer context: none ({e}); timer-driven changes show the interrupted task"),
+            }
+            r
+        });
+        let mut settings_map: Array<_, u32> = Array::try_from(
+            ebpf.map_mut("SETTINGS").ok_or(EbpfError::MissingMap("SETTINGS"))?,
+        )
+        .map_err(|source| EbpfError::Map { name: "SETTINGS", source })?;
+        settings_map
+            .set(settings::TIMER_TIER, u32::from(port_tier == Tier::Tracepoint), 0)
+            .map_err(|source| EbpfError::Map { name: "SETTINGS", source })?;
+        Ok(Self {
+            ebpf,
+            hooks,
+            timer_context,
+            facts,
+        })
+    }
+
+    /// The tier chosen for `hook`.
+    pub fn tier(&self, hook: &str) -> Tier {
+        self.hooks
+            .iter()
+            .find(|h| h.hook == hook)
+            .map_or(Tier::None, |h| h.tier)
+    }
+
+    /// `hook=tier ...`, for readiness lines and sd_notify STATUS.
+    pub fn summary(&self) -> String {
+        self.hooks
+            .iter()
+            .map(|h| format!("{}={}", h.hook, h.tier))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Takes the event stream; call once.
+    pub fn events(&mut self) -> Result<ring::EventStream, EbpfError> {
+        ring::EventStream::new(&mut self.ebpf)
+    }
+}
+
+/// Loads every program without attaching it: proves the verifier accepts each one here, even
+/// those whose hook cannot attach on this kernel. `(program, Ok | reason)` per program.
+pub fn verify_all(opts: &Options) -> Result<Vec<(&'static str, Result<(), String>)>, EbpfError> {
+    let (facts, btf) = KernelFacts::gather(opts);
+    let mut ebpf = load_object(opts, &facts)?;
+    let mut seen = std::collections::BTreeMap::new();
+    for spec in hooks::HOOKS {
+        for &(_, progs) in spec.tiers {
+            for &prog in progs {
+                seen.entry(prog.program())
+                    .or_insert_with(|| hooks::load(&mut ebpf, btf.as_ref(), prog));
+            }
+        }
+    }
+    Ok(seen.into_iter().collect())
+}

@@ -1,0 +1,3 @@
+//! Where the agent learns what the kernel does: eBPF hooks (and, with the repair issue, netlink).
+
+pub mod ebpf;
