@@ -45,9 +45,7 @@ fn main() -> anyhow::Result<()> {
         if required {
             bail!("{why}; run `cargo xtask setup` to install it");
         }
-        println!(
-            "cargo::warning={why}: building without eBPF programs (run `cargo xtask setup`)"
-        );
+        println!("cargo::warning={why}: building without eBPF programs (run `cargo xtask setup`)");
         std::fs::write(&object, []).context("writing the empty eBPF object")?;
         return Ok(());
     };
@@ -56,17 +54,23 @@ fn main() -> anyhow::Result<()> {
         // aya-build runs `cargo +nightly build` for the bpf target, whose linker is `bpf-linker`
         // looked up on PATH: put ours first.
         let path = env::var_os("PATH").unwrap_or_default();
-        let joined = env::join_paths(std::iter::once(dir.to_path_buf()).chain(env::split_paths(&path)))
-            .context("joining PATH")?;
+        let joined =
+            env::join_paths(std::iter::once(dir.to_path_buf()).chain(env::split_paths(&path)))
+                .context("joining PATH")?;
         // SAFETY: build scripts are single-threaded here; nothing else reads the environment.
         unsafe { env::set_var("PATH", joined) };
     }
 
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("no manifest dir")?);
     let ebpf_dir = manifest_dir.join("../bridge-guard-ebpf");
-    let root_dir = ebpf_dir.to_str().context("non-UTF-8 path to bridge-guard-ebpf")?;
+    let root_dir = ebpf_dir
+        .to_str()
+        .context("non-UTF-8 path to bridge-guard-ebpf")?;
     // The nested build reads sources the outer cargo does not know about.
-    println!("cargo::rerun-if-changed={}", manifest_dir.join("../bridge-guard-common/src").display());
+    println!(
+        "cargo::rerun-if-changed={}",
+        manifest_dir.join("../bridge-guard-common/src").display()
+    );
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "bridge-guard-ebpf",

@@ -416,7 +416,9 @@ pub fn timer_cancel(ctx: BtfTracePointContext) -> u32 {
     };
     let new = port_state(port);
     // SAFETY: the value is copied out at once.
-    let old = unsafe { PORT_LAST.get(port) }.copied().unwrap_or(state::UNKNOWN);
+    let old = unsafe { PORT_LAST.get(port) }
+        .copied()
+        .unwrap_or(state::UNKNOWN);
     if new != old {
         timer_report(port, old, new, hook::TIMER_CANCEL, false);
     }

@@ -147,7 +147,10 @@ pub enum Change {
 pub enum Actor {
     /// The bridge's STP forward-delay timer (softirq), not a task.
     StpTimer,
-    Task { comm: String, pid: u32 },
+    Task {
+        comm: String,
+        pid: u32,
+    },
 }
 
 impl fmt::Display for Actor {
@@ -305,7 +308,7 @@ mod tests {
     fn decodes_from_unaligned_bytes() {
         let ev = sample();
         // Offset the record by one byte so it cannot be 8-byte aligned.
-        let mut buf = vec![0u8; Event::SIZE + 1];
+        let mut buf = [0u8; Event::SIZE + 1];
         buf[1..].copy_from_slice(&bytes_of(&ev));
         let decoded = KernelEvent::decode(&buf[1..]).expect("decodes");
         assert_eq!(decoded.ktime_ns, 123_456_789);
@@ -350,10 +353,16 @@ mod tests {
     fn rejects_unknown_kind_and_hook() {
         let mut ev = sample();
         ev.kind = 200;
-        assert_eq!(KernelEvent::decode(&bytes_of(&ev)), Err(DecodeError::Kind(200)));
+        assert_eq!(
+            KernelEvent::decode(&bytes_of(&ev)),
+            Err(DecodeError::Kind(200))
+        );
         let mut ev = sample();
         ev.hook = 99;
-        assert_eq!(KernelEvent::decode(&bytes_of(&ev)), Err(DecodeError::Hook(99)));
+        assert_eq!(
+            KernelEvent::decode(&bytes_of(&ev)),
+            Err(DecodeError::Hook(99))
+        );
     }
 
     #[test]

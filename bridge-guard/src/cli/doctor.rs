@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::json;
 
 use crate::{
-    sources::ebpf::{self, FD_TIMER_SYMBOL, Options, Probes, offsets},
+    sources::ebpf::{self, FD_TIMER_SYMBOL, Options, Probes, hooks::Outcome, offsets},
     sys::{caps, kallsyms},
 };
 
@@ -36,9 +36,9 @@ fn bridge_code(opts: &Options) -> String {
 pub fn run(args: &Args) -> anyhow::Result<()> {
     let opts = Options::default();
     let caps = caps::Caps::current().ok();
-    let probes = Probes::attach(&opts);
-    let programs = ebpf::verify_all(&opts);
-    let (facts, _) = ebpf::KernelFacts::gather(&opts);
+    let (facts, btf) = ebpf::KernelFacts::gather(&opts);
+    let probes = Probes::attach_with(&opts, facts.clone(), btf.as_ref());
+    let programs = ebpf::verify_all(&opts, &facts, btf.as_ref());
     let module_btf = opts.btf_dir.join("bridge");
 
     let capabilities: Vec<_> = caps::WANTED
@@ -66,12 +66,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
                     "loaded": true,
                     "ring_buffer": true,
                     "hooks": p.hooks,
-                    "timer_context": p.timer_context.as_ref().map(|r| r.as_ref().map_or_else(|e| e.clone(), |()| "ok".to_owned())),
+                    "timer_context": p.timer_context.as_ref().map(outcome),
                 }),
                 Err(e) => json!({ "loaded": false, "error": crate::error_chain(e) }),
             },
             "programs": match &programs {
-                Ok(list) => list.iter().map(|(n, r)| (n.to_string(), json!(r.as_ref().map_or_else(|e| e.clone(), |()| "ok".to_owned())))).collect::<serde_json::Map<_, _>>(),
+                Ok(list) => list.iter().map(|(n, r)| (n.to_string(), json!(outcome(r)))).collect::<serde_json::Map<_, _>>(),
                 Err(_) => serde_json::Map::new(),
             },
         });
@@ -88,10 +88,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         w,
         "  btf           vmlinux: {}; bridge module: {}",
         yes_no(opts.btf_dir.join("vmlinux").exists()),
-        if module_btf.exists() { "yes" } else { "no (fine where bridge is built in)" }
+        if module_btf.exists() {
+            "yes"
+        } else {
+            "no (fine where bridge is built in)"
+        }
     )?;
     let resolved = offsets.iter().filter(|(_, v)| v.is_some()).count();
-    writeln!(w, "  offsets       {resolved}/{} resolved from BTF", offsets.len())?;
+    writeln!(
+        w,
+        "  offsets       {resolved}/{} resolved from BTF",
+        offsets.len()
+    )?;
     for (name, v) in &offsets {
         match v {
             Some(v) => writeln!(w, "                  {name:<38} {v}")?,
@@ -103,7 +111,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     match facts.fd_timer_fn {
         Some(a) => writeln!(w, "  kallsyms      {FD_TIMER_SYMBOL} at {a:#x}")?,
-        None => writeln!(w, "  kallsyms      {FD_TIMER_SYMBOL} not found: no tracepoint tier")?,
+        None => writeln!(
+            w,
+            "  kallsyms      {FD_TIMER_SYMBOL} not found: no tracepoint tier"
+        )?,
     }
     writeln!(w, "  capabilities")?;
     for (name, has, why) in &capabilities {
@@ -115,22 +126,43 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             writeln!(w, "  ring buffer   ok")?;
             writeln!(w, "\n  {:<12} {:<11} why not a better tier", "hook", "tier")?;
             for h in &p.hooks {
-                let why: Vec<String> =
-                    h.failures.iter().map(|f| format!("{}: {}", f.tier, f.reason)).collect();
-                writeln!(w, "  {:<12} {:<11} {}", h.hook, h.tier.to_string(), why.join("; "))?;
+                let why: Vec<String> = h
+                    .failures
+                    .iter()
+                    .map(|f| format!("{}: {}", f.tier, f.reason))
+                    .collect();
+                writeln!(
+                    w,
+                    "  {:<12} {:<11} {}",
+                    h.hook,
+                    h.tier.to_string(),
+                    why.join("; ")
+                )?;
             }
             if let Some(r) = &p.timer_context {
-                let state = r.as_ref().map_or_else(|e| format!("none ({e})"), |()| "tracepoint".into());
+                let state = r
+                    .as_ref()
+                    .map_or_else(|e| format!("none ({e})"), |()| "tracepoint".into());
                 writeln!(w, "  {:<12} {state}", "timer-ctx")?;
             }
         }
         Err(e) => {
-            writeln!(w, "  ebpf          not available: {}", crate::error_chain(e))?;
-            writeln!(w, "                bridge-guard can still run on netlink alone")?;
+            writeln!(
+                w,
+                "  ebpf          not available: {}",
+                crate::error_chain(e)
+            )?;
+            writeln!(
+                w,
+                "                bridge-guard can still run on netlink alone"
+            )?;
         }
     }
     if let Ok(list) = &programs {
-        writeln!(w, "\n  programs (loaded to check the verifier, whether or not they attach here)")?;
+        writeln!(
+            w,
+            "\n  programs (loaded to check the verifier, whether or not they attach here)"
+        )?;
         for (name, r) in list {
             match r {
                 Ok(()) => writeln!(w, "    {name:<22} ok")?,
@@ -140,6 +172,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     }
     print!("{out}");
     Ok(())
+}
+
+fn outcome(r: &Outcome) -> String {
+    r.as_ref().map_or_else(Clone::clone, |()| "ok".to_owned())
 }
 
 fn yes_no(b: bool) -> &'static str {

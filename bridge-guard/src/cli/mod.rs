@@ -52,7 +52,10 @@ fn init_logging(level: &str) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log_level);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bridge-guard: cannot start the async runtime: {e}");

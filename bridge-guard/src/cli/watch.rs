@@ -31,7 +31,10 @@ fn json_line(ev: &KernelEvent) -> anyhow::Result<String> {
         let wall = clock::wall_time(ev.ktime_ns)
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        obj.insert("time_unix_ns".into(), u64::try_from(wall.as_nanos()).unwrap_or(0).into());
+        obj.insert(
+            "time_unix_ns".into(),
+            u64::try_from(wall.as_nanos()).unwrap_or(0).into(),
+        );
         obj.insert("tier".into(), ev.hook.tier().into());
     }
     Ok(value.to_string())
@@ -54,10 +57,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         super::write_atomically(path, &format!("{summary}\n"))
             .with_context(|| format!("writing the ready file {}", path.display()))?;
     }
-    eprintln!("bridge-guard: ready: watching {} ({summary})", match netns {
-        Some(ino) => format!("network namespace {ino}"),
-        None => "every network namespace".to_owned(),
-    });
+    eprintln!(
+        "bridge-guard: ready: watching {} ({summary})",
+        match netns {
+            Some(ino) => format!("network namespace {ino}"),
+            None => "every network namespace".to_owned(),
+        }
+    );
 
     let mut term = signal(SignalKind::terminate())?;
     let mut batch = Vec::new();

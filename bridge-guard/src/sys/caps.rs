@@ -5,10 +5,22 @@ use std::fmt;
 /// The capabilities bridge-guard cares about, by number (`linux/capability.h`).
 pub const WANTED: &[(u32, &str, &str)] = &[
     (12, "CAP_NET_ADMIN", "repair bridges over rtnetlink"),
-    (38, "CAP_PERFMON", "attach tracing programs (kernels >= 5.8)"),
-    (39, "CAP_BPF", "load eBPF programs and maps (kernels >= 5.8)"),
+    (
+        38,
+        "CAP_PERFMON",
+        "attach tracing programs (kernels >= 5.8)",
+    ),
+    (
+        39,
+        "CAP_BPF",
+        "load eBPF programs and maps (kernels >= 5.8)",
+    ),
     (21, "CAP_SYS_ADMIN", "eBPF on kernels before 5.8"),
-    (24, "CAP_SYS_RESOURCE", "raise RLIMIT_MEMLOCK (kernels before 5.11)"),
+    (
+        24,
+        "CAP_SYS_RESOURCE",
+        "raise RLIMIT_MEMLOCK (kernels before 5.11)",
+    ),
 ];
 
 /// The effective capability set, from `/proc/self/status`.
@@ -32,11 +44,13 @@ impl Caps {
 }
 
 /// What happened when the memlock limit was raised.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum Memlock {
     Raised,
     /// Failed; fine on kernels >= 5.11, which charge BPF memory to the cgroup instead.
-    Kept { error: std::io::Error },
+    Kept {
+        error: String,
+    },
 }
 
 impl fmt::Display for Memlock {
@@ -62,7 +76,7 @@ pub fn raise_memlock() -> Memlock {
         Memlock::Raised
     } else {
         Memlock::Kept {
-            error: std::io::Error::last_os_error(),
+            error: std::io::Error::last_os_error().to_string(),
         }
     }
 }

@@ -54,16 +54,26 @@ mod tests {
              0000000000000000 t hidden_sym\nffffffff8215f260 t br_forward_delay_timer_expired\t[bridge]\n",
         )
         .expect("write");
-        assert_eq!(lookup(&dir, "br_set_state").expect("read"), Some(0xffff_ffff_8215_cfd0));
+        assert_eq!(
+            lookup(&dir, "br_set_state").expect("read"),
+            Some(0xffff_ffff_8215_cfd0)
+        );
         assert_eq!(
             lookup(&dir, "br_forward_delay_timer_expired").expect("read"),
             Some(0xffff_ffff_8215_f260)
         );
         assert_eq!(
-            find(&dir, "br_forward_delay_timer_expired").expect("read").and_then(|s| s.module),
+            find(&dir, "br_forward_delay_timer_expired")
+                .expect("read")
+                .and_then(|s| s.module),
             Some("bridge".to_owned())
         );
-        assert_eq!(find(&dir, "br_set_state").expect("read").and_then(|s| s.module), None);
+        assert_eq!(
+            find(&dir, "br_set_state")
+                .expect("read")
+                .and_then(|s| s.module),
+            None
+        );
         assert_eq!(lookup(&dir, "hidden_sym").expect("read"), None);
         assert_eq!(lookup(&dir, "br_set").expect("read"), None);
         std::fs::remove_file(dir).expect("cleanup");

@@ -10,6 +10,9 @@ use aya::{
 };
 use serde::Serialize;
 
+/// Whether a program loaded (or a tier attached), with the reason when not.
+pub type Outcome = Result<(), String>;
+
 /// A hook tier, best first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -231,8 +234,12 @@ fn attach(ebpf: &mut Ebpf, prog: Prog) -> Result<(), String> {
     let result = match prog {
         Prog::FEntry(..) => <&mut FEntry>::try_from(program).and_then(|p| p.attach().map(drop)),
         Prog::FExit(..) => <&mut FExit>::try_from(program).and_then(|p| p.attach().map(drop)),
-        Prog::KProbe(_, f) => <&mut KProbe>::try_from(program).and_then(|p| p.attach(f, 0).map(drop)),
-        Prog::TpBtf(..) => <&mut BtfTracePoint>::try_from(program).and_then(|p| p.attach().map(drop)),
+        Prog::KProbe(_, f) => {
+            <&mut KProbe>::try_from(program).and_then(|p| p.attach(f, 0).map(drop))
+        }
+        Prog::TpBtf(..) => {
+            <&mut BtfTracePoint>::try_from(program).and_then(|p| p.attach().map(drop))
+        }
     };
     result.map_err(|e| format!("attach {} to {}: {}", name, prog.target(), reason(&e)))
 }

@@ -60,7 +60,7 @@ impl Default for Options {
 }
 
 /// What start-up found out about the kernel, for logs and `doctor`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct KernelFacts {
     pub offsets: offsets::Resolved,
     /// Why offsets could not be resolved at all, if they could not.
@@ -68,7 +68,7 @@ pub struct KernelFacts {
     pub fd_timer_fn: Option<u64>,
     pub memlock: caps::Memlock,
     /// aya's view of the kernel BTF, needed to load fentry/fexit and tp_btf programs.
-    pub btf_loaded: Result<(), String>,
+    pub btf_loaded: hooks::Outcome,
 }
 
 impl KernelFacts {
@@ -116,7 +116,7 @@ pub struct Probes {
     ebpf: Ebpf,
     pub hooks: Vec<HookReport>,
     /// Outcome of attaching the timer-context programs beside a better port-state tier.
-    pub timer_context: Option<Result<(), String>>,
+    pub timer_context: Option<hooks::Outcome>,
     pub facts: KernelFacts,
 }
 
@@ -140,27 +140,43 @@ impl Probes {
     /// it was chosen.
     pub fn attach(opts: &Options) -> Result<Self, EbpfError> {
         let (facts, btf) = KernelFacts::gather(opts);
+        Self::attach_with(opts, facts, btf.as_ref())
+    }
+
+    /// [`Probes::attach`] with facts already gathered.
+    pub fn attach_with(
+        opts: &Options,
+        facts: KernelFacts,
+        btf: Option<&Btf>,
+    ) -> Result<Self, EbpfError> {
         let mut ebpf = load_object(opts, &facts)?;
         let timer_ok = |hook: &str, tier: Tier| -> Result<(), String> {
             if tier != Tier::Tracepoint || hook != "port-state" {
                 return Ok(());
             }
             if facts.fd_timer_fn.is_none() {
-                return Err(format!("{FD_TIMER_SYMBOL} not found in {}", opts.kallsyms.display()));
+                return Err(format!(
+                    "{FD_TIMER_SYMBOL} not found in {}",
+                    opts.kallsyms.display()
+                ));
             }
             let o = &facts.offsets.offsets;
-            if o.port_fd_timer == bridge_guard_common::ABSENT || o.timer_function == bridge_guard_common::ABSENT {
-                return Err("BTF lacks net_bridge_port.forward_delay_timer or timer_list.function".into());
+            if o.port_fd_timer == bridge_guard_common::ABSENT
+                || o.timer_function == bridge_guard_common::ABSENT
+            {
+                return Err(
+                    "BTF lacks net_bridge_port.forward_delay_timer or timer_list.function".into(),
+                );
             }
             Ok(())
         };
-        let hooks = hooks::select(&mut ebpf, btf.as_ref(), timer_ok);
+        let hooks = hooks::select(&mut ebpf, btf, timer_ok);
         let port_tier = hooks
             .iter()
             .find(|h| h.hook == "port-state")
             .map_or(Tier::None, |h| h.tier);
         let timer_context = matches!(port_tier, Tier::Fentry | Tier::Kprobe).then(|| {
-            let r = hooks::try_tier(&mut ebpf, btf.as_ref(), hooks::TIMER_CONTEXT);
+            let r = hooks::try_tier(&mut ebpf, btf, hooks::TIMER_CONTEXT);
             match &r {
                 Ok(()) => tracing::info!("timer context: tracepoint (state changes by the STP timer are attributed to it)"),
                 Err(e) => tracing::warn!("timer context: none ({e}); timer-driven changes show the interrupted task"),
@@ -168,12 +184,23 @@ impl Probes {
             r
         });
         let mut settings_map: Array<_, u32> = Array::try_from(
-            ebpf.map_mut("SETTINGS").ok_or(EbpfError::MissingMap("SETTINGS"))?,
+            ebpf.map_mut("SETTINGS")
+                .ok_or(EbpfError::MissingMap("SETTINGS"))?,
         )
-        .map_err(|source| EbpfError::Map { name: "SETTINGS", source })?;
+        .map_err(|source| EbpfError::Map {
+            name: "SETTINGS",
+            source,
+        })?;
         settings_map
-            .set(settings::TIMER_TIER, u32::from(port_tier == Tier::Tracepoint), 0)
-            .map_err(|source| EbpfError::Map { name: "SETTINGS", source })?;
+            .set(
+                settings::TIMER_TIER,
+                u32::from(port_tier == Tier::Tracepoint),
+                0,
+            )
+            .map_err(|source| EbpfError::Map {
+                name: "SETTINGS",
+                source,
+            })?;
         Ok(Self {
             ebpf,
             hooks,
@@ -207,15 +234,18 @@ impl Probes {
 
 /// Loads every program without attaching it: proves the verifier accepts each one here, even
 /// those whose hook cannot attach on this kernel. `(program, Ok | reason)` per program.
-pub fn verify_all(opts: &Options) -> Result<Vec<(&'static str, Result<(), String>)>, EbpfError> {
-    let (facts, btf) = KernelFacts::gather(opts);
-    let mut ebpf = load_object(opts, &facts)?;
+pub fn verify_all(
+    opts: &Options,
+    facts: &KernelFacts,
+    btf: Option<&Btf>,
+) -> Result<Vec<(&'static str, hooks::Outcome)>, EbpfError> {
+    let mut ebpf = load_object(opts, facts)?;
     let mut seen = std::collections::BTreeMap::new();
     for spec in hooks::HOOKS {
         for &(_, progs) in spec.tiers {
             for &prog in progs {
                 seen.entry(prog.program())
-                    .or_insert_with(|| hooks::load(&mut ebpf, btf.as_ref(), prog));
+                    .or_insert_with(|| hooks::load(&mut ebpf, btf, prog));
             }
         }
     }

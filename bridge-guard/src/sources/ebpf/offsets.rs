@@ -33,32 +33,72 @@ struct Field {
 }
 
 const FIELDS: &[Field] = &[
-    Field { name: "net_bridge_port.br", strukt: "net_bridge_port", path: "br", set: |o, v| o.port_br = v },
-    Field { name: "net_bridge_port.dev", strukt: "net_bridge_port", path: "dev", set: |o, v| o.port_dev = v },
-    Field { name: "net_bridge_port.state", strukt: "net_bridge_port", path: "state", set: |o, v| o.port_state = v },
+    Field {
+        name: "net_bridge_port.br",
+        strukt: "net_bridge_port",
+        path: "br",
+        set: |o, v| o.port_br = v,
+    },
+    Field {
+        name: "net_bridge_port.dev",
+        strukt: "net_bridge_port",
+        path: "dev",
+        set: |o, v| o.port_dev = v,
+    },
+    Field {
+        name: "net_bridge_port.state",
+        strukt: "net_bridge_port",
+        path: "state",
+        set: |o, v| o.port_state = v,
+    },
     Field {
         name: "net_bridge_port.forward_delay_timer",
         strukt: "net_bridge_port",
         path: "forward_delay_timer",
         set: |o, v| o.port_fd_timer = v,
     },
-    Field { name: "net_bridge.dev", strukt: "net_bridge", path: "dev", set: |o, v| o.br_dev = v },
+    Field {
+        name: "net_bridge.dev",
+        strukt: "net_bridge",
+        path: "dev",
+        set: |o, v| o.br_dev = v,
+    },
     Field {
         name: "net_bridge.stp_enabled",
         strukt: "net_bridge",
         path: "stp_enabled",
         set: |o, v| o.br_stp_enabled = v,
     },
-    Field { name: "net_device.name", strukt: "net_device", path: "name", set: |o, v| o.dev_name = v },
-    Field { name: "net_device.ifindex", strukt: "net_device", path: "ifindex", set: |o, v| o.dev_ifindex = v },
-    Field { name: "net_device.nd_net.net", strukt: "net_device", path: "nd_net.net", set: |o, v| o.dev_net = v },
+    Field {
+        name: "net_device.name",
+        strukt: "net_device",
+        path: "name",
+        set: |o, v| o.dev_name = v,
+    },
+    Field {
+        name: "net_device.ifindex",
+        strukt: "net_device",
+        path: "ifindex",
+        set: |o, v| o.dev_ifindex = v,
+    },
+    Field {
+        name: "net_device.nd_net.net",
+        strukt: "net_device",
+        path: "nd_net.net",
+        set: |o, v| o.dev_net = v,
+    },
     Field {
         name: "net_device.priv_flags",
         strukt: "net_device",
         path: "priv_flags",
         set: |o, v| o.dev_priv_flags = v,
     },
-    Field { name: "net.ns.inum", strukt: "net", path: "ns.inum", set: |o, v| o.net_inum = v },
+    Field {
+        name: "net.ns.inum",
+        strukt: "net",
+        path: "ns.inum",
+        set: |o, v| o.net_inum = v,
+    },
     Field {
         name: "timer_list.function",
         strukt: "timer_list",
@@ -118,8 +158,11 @@ pub fn resolve(btf_dir: &Path) -> Result<Resolved, OffsetError> {
     let mut offsets = Offsets::ABSENT;
     let mut absent = Vec::new();
     for field in FIELDS {
-        let found = member_offset(&vmlinux, field.strukt, field.path)
-            .or_else(|| module.as_ref().and_then(|m| member_offset(m, field.strukt, field.path)));
+        let found = member_offset(&vmlinux, field.strukt, field.path).or_else(|| {
+            module
+                .as_ref()
+                .and_then(|m| member_offset(m, field.strukt, field.path))
+        });
         match found {
             Some(off) => (field.set)(&mut offsets, off),
             None => absent.push(field.name),
@@ -163,7 +206,7 @@ pub fn member_offset(btf: &Btf, strukt: &str, path: &str) -> Option<u32> {
         bits += off;
         current = member_ty;
     }
-    (bits % 8 == 0).then_some(bits / 8)
+    bits.is_multiple_of(8).then_some(bits / 8)
 }
 
 /// Bit offset and type of member `name` in `ty`, searching anonymous members recursively.
@@ -236,7 +279,10 @@ mod tests {
         // of these structs, and sizes that bound the others.
         assert_eq!(o.port_br, 0, "net_bridge_port.br is the first member");
         assert_eq!(o.port_dev, 8, "net_bridge_port.dev follows br");
-        assert_eq!(o.timer_function, 24, "timer_list: hlist_node (16), expires (8), function");
+        assert_eq!(
+            o.timer_function, 24,
+            "timer_list: hlist_node (16), expires (8), function"
+        );
         assert_ne!(o.dev_name, o.dev_ifindex);
         assert!(o.port_state > o.port_dev && o.port_fd_timer > o.port_state);
     }
@@ -259,8 +305,14 @@ mod tests {
     #[test]
     fn missing_members_and_structs_are_none() {
         let Some(btf) = vmlinux() else { return };
-        assert_eq!(member_offset(&btf, "net_bridge_port", "no_such_field"), None);
-        assert_eq!(member_offset(&btf, "no_such_struct_bridge_guard", "x"), None);
+        assert_eq!(
+            member_offset(&btf, "net_bridge_port", "no_such_field"),
+            None
+        );
+        assert_eq!(
+            member_offset(&btf, "no_such_struct_bridge_guard", "x"),
+            None
+        );
     }
 
     #[test]

@@ -20,10 +20,14 @@ impl EventStream {
         let map = |name: &'static str, ebpf: &mut Ebpf| {
             ebpf.take_map(name).ok_or(EbpfError::MissingMap(name))
         };
-        let ring = RingBuf::try_from(map("EVENTS", ebpf)?)
-            .map_err(|source| EbpfError::Map { name: "EVENTS", source })?;
-        let lost = PerCpuArray::try_from(map("LOST", ebpf)?)
-            .map_err(|source| EbpfError::Map { name: "LOST", source })?;
+        let ring = RingBuf::try_from(map("EVENTS", ebpf)?).map_err(|source| EbpfError::Map {
+            name: "EVENTS",
+            source,
+        })?;
+        let lost = PerCpuArray::try_from(map("LOST", ebpf)?).map_err(|source| EbpfError::Map {
+            name: "LOST",
+            source,
+        })?;
         // SAFETY: the RingBuf owns its map fd and keeps it open, unchanged, until it is dropped
         // together with the AsyncFd.
         let ring = unsafe { AsyncFd::register(ring) }.map_err(|e| EbpfError::Poll(e.into()))?;

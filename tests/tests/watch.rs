@@ -1,0 +1,157 @@
+//! `bridge-guard watch` against the real kernel: port-state events from the eBPF hooks, with
+//! the right identity, and only from the agent's own network namespace.
+
+use std::time::Duration;
+
+use integration_tests::{Agent, NetNs, is_port_state, skip_unless_root};
+use serde_json::Value;
+
+/// Twice the 2 s forward delay, with ample margin for a loaded CI machine.
+const STP_WALK: Duration = Duration::from_secs(30);
+
+#[test]
+fn port_walks_listening_learning_forwarding_and_other_namespaces_stay_out() -> anyhow::Result<()> {
+    if skip_unless_root("port_walks_listening_learning_forwarding_and_other_namespaces_stay_out") {
+        return Ok(());
+    }
+    let lab = NetNs::new("watch")?;
+    let other = NetNs::new("other")?;
+    lab.stp_bridge("br0")?;
+    other.stp_bridge("br0")?;
+
+    let mut agent = Agent::watch(&lab, &[])?;
+    // A second agent in the same namespace that reports every namespace: it proves the other
+    // lab's events really happened, so their absence from `agent` means filtering.
+    let mut all = Agent::watch(&lab, &["--all-netns"])?;
+    let tier = agent
+        .tier("port-state")
+        .expect("readiness line names the port-state tier");
+    assert_ne!(tier, "none", "no port-state hook attached: {}", agent.ready);
+
+    other.veth_port("br0", "vnet9", "guest9")?;
+    lab.veth_port("br0", "vnet0", "guest0")?;
+    let (lab_ino, other_ino) = (lab.inode()?, other.inode()?);
+    let port_ifindex = lab.ifindex("vnet0")?;
+    let bridge_ifindex = lab.ifindex("br0")?;
+
+    let check = |ev: &Value, state: &str| {
+        assert_eq!(ev["port_ifindex"], port_ifindex, "{ev}");
+        assert_eq!(ev["bridge"], "br0", "{ev}");
+        assert_eq!(ev["bridge_ifindex"], bridge_ifindex, "{ev}");
+        assert_eq!(ev["netns"], lab_ino, "{ev}");
+        assert_eq!(ev["tier"], tier.as_str(), "{ev}");
+        assert!(ev["ktime_ns"].as_u64().is_some_and(|t| t > 0), "{ev}");
+        assert_eq!(ev["new"], state, "{ev}");
+    };
+    let listening = agent.wait_for("vnet0 listening", STP_WALK, |e| {
+        is_port_state(e, "vnet0", "listening")
+    })?;
+    check(&listening, "listening");
+    assert_eq!(listening["old"], "blocking", "{listening}");
+    let learning = agent.wait_for("vnet0 learning", STP_WALK, |e| {
+        is_port_state(e, "vnet0", "learning")
+    })?;
+    check(&learning, "learning");
+    assert_eq!(learning["old"], "listening", "{learning}");
+    let forwarding = agent.wait_for("vnet0 forwarding", STP_WALK, |e| {
+        is_port_state(e, "vnet0", "forwarding")
+    })?;
+    check(&forwarding, "forwarding");
+    assert_eq!(forwarding["old"], "learning", "{forwarding}");
+
+    // The kernel's clock says each step took the forward delay (2 s), whatever userspace did.
+    let span = |a: &Value, b: &Value| {
+        b["ktime_ns"].as_u64().unwrap_or(0) - a["ktime_ns"].as_u64().unwrap_or(0)
+    };
+    for (a, b) in [(&listening, &learning), (&learning, &forwarding)] {
+        let ns = span(a, b);
+        assert!(
+            (1_900_000_000..=3_000_000_000).contains(&ns),
+            "step took {ns} ns: {a} -> {b}"
+        );
+    }
+    // The timer drives listening -> learning -> forwarding.
+    assert_eq!(forwarding["actor"]["type"], "stp_timer", "{forwarding}");
+
+    // The other lab's port went through the same states, in the unfiltered agent only.
+    all.wait_for("the other namespace's port forwarding", STP_WALK, |e| {
+        e["netns"] == other_ino && is_port_state(e, "vnet9", "forwarding")
+    })?;
+    // Barrier: an event in the lab after the other lab's last one. The ring buffer is FIFO, so
+    // any event from the other namespace would have reached `agent` before this one.
+    lab.veth_port("br0", "vnet1", "guest1")?;
+    agent.wait_for("vnet1 listening", STP_WALK, |e| {
+        is_port_state(e, "vnet1", "listening")
+    })?;
+    for ev in &agent.seen {
+        assert_eq!(
+            ev["netns"], lab_ino,
+            "event from another namespace leaked: {ev}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn doctor_reports_tiers_and_every_kprobe_program_passes_the_verifier() -> anyhow::Result<()> {
+    if skip_unless_root("doctor_reports_tiers_and_every_kprobe_program_passes_the_verifier") {
+        return Ok(());
+    }
+    let out = std::process::Command::new(integration_tests::agent_bin())
+        .args(["doctor", "--json"])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "doctor failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout)?;
+
+    // Loaded (not attached): the verifier accepts every kprobe/kretprobe program on this kernel,
+    // even where kprobes cannot attach.
+    let programs = &report["programs"];
+    for name in [
+        "set_state_kprobe",
+        "set_state_kretprobe",
+        "link_kprobe",
+        "link_kretprobe",
+        "unlink_kprobe",
+        "stp_kprobe",
+        "stp_kretprobe",
+        "timer_start",
+        "timer_expire_entry",
+        "timer_expire_exit",
+        "timer_cancel",
+    ] {
+        assert_eq!(programs[name], "ok", "{name}: {}", programs[name]);
+    }
+
+    let hooks = report["ebpf"]["hooks"].as_array().expect("hooks listed");
+    let names: Vec<_> = hooks
+        .iter()
+        .map(|h| h["hook"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["port-state", "join", "leave", "stp"]);
+    for h in hooks {
+        // Every tier better than the chosen one carries the reason it failed.
+        let failures = h["failures"].as_array().expect("failures listed");
+        for f in failures {
+            assert!(!f["reason"].as_str().unwrap_or("").is_empty(), "{h}");
+        }
+        if h["tier"] != "fentry" {
+            assert!(
+                !failures.is_empty(),
+                "fentry not chosen but no reason given: {h}"
+            );
+        }
+    }
+    let absent: Vec<_> = report["offsets"]
+        .as_object()
+        .expect("offsets")
+        .iter()
+        .filter(|(_, v)| v.is_null())
+        .map(|(k, _)| k.clone())
+        .collect();
+    assert!(absent.is_empty(), "offsets absent from BTF: {absent:?}");
+    Ok(())
+}
