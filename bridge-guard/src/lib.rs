@@ -4,9 +4,16 @@
 //! Data flow: `sources` (eBPF ring buffer, netlink) decode kernel changes into `event`s; the CLI
 //! subcommands in `cli` wire them together.
 
+pub mod actuator;
+pub mod agent;
+pub mod backoff;
 pub mod cli;
 pub mod event;
+pub mod membership;
+pub mod model;
+pub mod planner;
 pub mod sources;
+pub mod status;
 pub mod sys;
 
 /// `err: cause: cause` on one line, for logs and user-facing messages.

@@ -2,6 +2,10 @@
 //! messages for people (anyhow).
 
 mod doctor;
+mod fix;
+mod guard_args;
+mod run;
+mod status;
 mod watch;
 
 use std::process::ExitCode;
@@ -13,8 +17,9 @@ use clap::{Parser, Subcommand};
 /// bridge-guard hooks the kernel's bridge port-state and membership changes with eBPF and
 /// reports them as they happen, with kernel timestamps and the process responsible.
 ///
-/// Start with `bridge-guard doctor` to see what this kernel allows, then
-/// `bridge-guard watch` to see bridge events live. Needs root (or CAP_BPF + CAP_PERFMON).
+/// Start with `bridge-guard doctor` to see what this kernel allows, `bridge-guard watch` to see
+/// bridge events live, then `bridge-guard run --bridge virbr0` to guard a bridge. Needs root
+/// (or CAP_BPF + CAP_PERFMON, and CAP_NET_ADMIN to repair).
 #[derive(Debug, Parser)]
 #[command(name = "bridge-guard", version, propagate_version = true)]
 pub struct Cli {
@@ -27,6 +32,18 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Guard bridges: keep them up, STP off, every port forwarding and every member attached,
+    /// repairing each fault as soon as the kernel reports it.
+    ///
+    /// Example: `bridge-guard run --bridge virbr0 --port-pattern 'vnet*'`.
+    Run(run::Args),
+    /// Repair one bridge once and exit: the replacement for a fix script.
+    ///
+    /// Example: `bridge-guard fix virbr0 --port-pattern 'vnet*'`.
+    Fix(fix::Args),
+    /// Show what the running agent knows: each guarded bridge and port, its state and since
+    /// when, STP, carrier, repairs and refusals.
+    Status(status::Args),
     /// Print bridge events as the kernel makes them: port states, joins, leaves, STP changes.
     ///
     /// Example: `bridge-guard watch` prints lines like
@@ -64,6 +81,9 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Run(args) => run::run(args).await,
+            Command::Fix(args) => fix::run(args).await,
+            Command::Status(args) => status::run(&args),
             Command::Watch(args) => watch::run(args).await,
             Command::Doctor(args) => doctor::run(&args),
         }

@@ -1,3 +1,4 @@
 //! Where the agent learns what the kernel does: eBPF hooks (and, with the repair issue, netlink).
 
 pub mod ebpf;
+pub mod netlink;

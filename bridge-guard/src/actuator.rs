@@ -1,0 +1,79 @@
+//! The actuator: the only writer. Applies planned repairs through rtnetlink and returns once
+//! the kernel acknowledged each.
+
+use netlink_packet_route::link::{
+    BridgePortState, BridgeStpState, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo,
+    LinkMessage,
+};
+use rtnetlink::{Handle, LinkBridgePort, LinkUnspec};
+
+use crate::planner::Action;
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot {action}")]
+pub struct ActuatorError {
+    pub action: String,
+    #[source]
+    pub source: rtnetlink::Error,
+}
+
+impl ActuatorError {
+    /// The kernel's errno, when the kernel refused.
+    pub fn errno(&self) -> Option<i32> {
+        match &self.source {
+            rtnetlink::Error::NetlinkError(e) => Some(-e.raw_code()),
+            _ => None,
+        }
+    }
+}
+
+fn stp_off(bridge_ifindex: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = bridge_ifindex;
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bridge),
+        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::StpState(
+            BridgeStpState::Disabled,
+        )])),
+    ]));
+    msg
+}
+
+/// Applies one repair and waits for the kernel's acknowledgement.
+pub async fn apply(handle: &Handle, action: &Action) -> Result<(), ActuatorError> {
+    let link = handle.link();
+    let result = match action {
+        Action::BridgeUp { bridge_ifindex, .. } => {
+            link.set(LinkUnspec::new_with_index(*bridge_ifindex).up().build())
+                .execute()
+                .await
+        }
+        Action::StpOff { bridge_ifindex, .. } => link.change(stp_off(*bridge_ifindex)).execute().await,
+        Action::Enslave {
+            bridge_ifindex,
+            port_ifindex,
+            ..
+        } => {
+            link.set(
+                LinkUnspec::new_with_index(*port_ifindex)
+                    .controller(*bridge_ifindex)
+                    .build(),
+            )
+            .execute()
+            .await
+        }
+        Action::Forward { port_ifindex, .. } => {
+            link.set_port(
+                LinkBridgePort::new(*port_ifindex)
+                    .state(BridgePortState::Forwarding)
+                    .build(),
+            )
+            .execute()
+            .await
+        }
+    };
+    result.map_err(|source| ActuatorError {
+        action: action.to_string(),
+        source,
+    })
+}

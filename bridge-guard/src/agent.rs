@@ -1,0 +1,401 @@
+//! The agent: wires sources -> model -> planner -> actuator, and publishes its state.
+//!
+//! Every event is applied to the model and followed at once by a plan and its repairs, so a
+//! fault is repaired as soon as the first source reports it. A repair in flight is not issued
+//! again until the model confirms it or it times out; one undone again and again backs off.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::{
+    actuator,
+    backoff::Backoff,
+    event::{Actor, PortState},
+    membership,
+    model::{Ktime, Model, Transition},
+    planner::{self, Action, Guard, Refusal},
+    sources::{
+        ebpf::{self, Probes, ring::EventStream},
+        netlink::{self, Netlink, NetlinkError, NetlinkEvent},
+    },
+    status::{self, Status},
+    sys::clock::{monotonic_ns, wall_time},
+};
+
+/// How long a repair may go unconfirmed before it may be issued again.
+const CONFIRM_TIMEOUT_NS: u64 = 1_000_000_000;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub guards: Vec<Guard>,
+    /// Repair nothing; report everything.
+    pub observe: bool,
+    pub reconcile_every: Duration,
+    pub libvirt_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Try eBPF hooks; without them, netlink alone.
+    pub ebpf: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("the netlink connection closed")]
+    NetlinkClosed,
+    #[error("reading the eBPF ring buffer")]
+    Ring(#[source] std::io::Error),
+}
+
+struct Pending {
+    action: Action,
+    issued: Ktime,
+    /// What was wrong, for the log line when it is confirmed.
+    fault: String,
+    outage_since: Option<Ktime>,
+}
+
+pub struct Agent {
+    cfg: Config,
+    model: Model,
+    netlink: Netlink,
+    probes: Option<Probes>,
+    events: Option<EventStream>,
+    backoff: Backoff,
+    pending: BTreeMap<String, Pending>,
+    /// Faults reported in observe-only mode, so each is logged once while it lasts.
+    observed: BTreeSet<String>,
+    refusals: Vec<Refusal>,
+    logged_refusals: BTreeSet<Refusal>,
+    repairs: BTreeMap<String, u64>,
+    /// Completed not-forwarding episodes per port: the last one's length.
+    last_outage: BTreeMap<String, u64>,
+    dirty: bool,
+}
+
+fn actor_text(a: Option<&Actor>) -> String {
+    a.map_or_else(|| "unknown".to_owned(), ToString::to_string)
+}
+
+impl Agent {
+    /// Opens netlink and, if asked, attaches the eBPF hooks (falling back to netlink alone
+    /// with a warning when they cannot be had).
+    pub fn start(cfg: Config) -> Result<Self, AgentError> {
+        let netlink = Netlink::open()?;
+        let mut probes = None;
+        let mut events = None;
+        if cfg.ebpf {
+            let opts = ebpf::Options {
+                netns: crate::sys::netns::current_inode().ok(),
+                ..ebpf::Options::default()
+            };
+            match Probes::attach(&opts).and_then(|mut p| p.events().map(|e| (p, e))) {
+                Ok((p, e)) => {
+                    probes = Some(p);
+                    events = Some(e);
+                }
+                Err(e) => tracing::warn!(
+                    "running on netlink alone, without kernel timestamps or actors: {}",
+                    crate::error_chain(&e)
+                ),
+            }
+        }
+        let model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
+        Ok(Self {
+            cfg,
+            model,
+            netlink,
+            probes,
+            events,
+            backoff: Backoff::default(),
+            pending: BTreeMap::new(),
+            observed: BTreeSet::new(),
+            refusals: Vec::new(),
+            logged_refusals: BTreeSet::new(),
+            repairs: BTreeMap::new(),
+            last_outage: BTreeMap::new(),
+            dirty: true,
+        })
+    }
+
+    /// `hook=tier ...`, or `netlink only`.
+    pub fn hooks_summary(&self) -> String {
+        self.probes
+            .as_ref()
+            .map_or_else(|| "netlink only".to_owned(), Probes::summary)
+    }
+
+    /// Rebuilds the model from a dump (and libvirt's XML), then repairs.
+    pub async fn resync(&mut self) -> Result<(), AgentError> {
+        let links = self.netlink.dump().await?;
+        let transitions = self.model.reset(links, monotonic_ns());
+        for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
+            self.model.remember(&bridge, &port);
+        }
+        self.log_transitions(&transitions);
+        self.reconcile().await;
+        Ok(())
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval_at(Instant::now() + self.cfg.reconcile_every, self.cfg.reconcile_every);
+        let mut batch = Vec::new();
+        loop {
+            let now = monotonic_ns();
+            let wake = self
+                .backoff
+                .next_wakeup(now)
+                .into_iter()
+                .chain(self.pending.values().map(|p| p.issued + CONFIRM_TIMEOUT_NS))
+                .min()
+                .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
+            let ebpf_next = async {
+                match self.events.as_mut() {
+                    Some(ev) => ev.next_batch(&mut batch).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                r = ebpf_next => r.map_err(AgentError::Ring)?,
+                ev = netlink::next_event(&mut self.netlink.notifications) => {
+                    match ev.ok_or(AgentError::NetlinkClosed)? {
+                        NetlinkEvent::Overrun => {
+                            tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
+                            self.resync().await?;
+                        }
+                        ev => {
+                            let t = self.model.apply_netlink(ev, monotonic_ns());
+                            self.log_transitions(&t);
+                        }
+                    }
+                }
+                _ = tick.tick() => self.resync().await?,
+                () = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+            }
+            for ev in batch.drain(..) {
+                match ev {
+                    Ok(ev) => {
+                        tracing::debug!(%ev, "kernel event");
+                        let t = self.model.apply_kernel(&ev);
+                        self.log_transitions(&t);
+                    }
+                    Err(e) => tracing::warn!("undecodable eBPF event: {e}"),
+                }
+            }
+            self.reconcile().await;
+            self.publish();
+        }
+        if let Some(ev) = &self.events {
+            let lost = ev.lost();
+            if lost > 0 {
+                tracing::warn!(lost, "eBPF events lost because the ring buffer was full");
+            }
+        }
+        Ok(())
+    }
+
+    fn log_transitions(&mut self, transitions: &[Transition]) {
+        for t in transitions {
+            self.dirty = true;
+            if let Some(outage) = t.outage_ns {
+                self.last_outage.insert(t.port.clone(), outage);
+            }
+            tracing::info!(
+                bridge = %t.bridge,
+                port = %t.port,
+                from = t.from.map_or("none", PortState::as_str),
+                to = t.to.as_str(),
+                in_from_ms = t.in_from_ns.map(|n| n / 1_000_000),
+                outage_ms = t.outage_ns.map(|n| n / 1_000_000),
+                clock = ?t.clock,
+                actor = %actor_text(t.actor.as_ref()),
+                "port state"
+            );
+        }
+    }
+
+    /// What is wrong that `action` repairs, for logs.
+    fn fault(&self, action: &Action) -> (String, Option<Ktime>) {
+        match action {
+            Action::BridgeUp { bridge, .. } => (format!("{bridge} is administratively down"), None),
+            Action::StpOff { bridge, .. } => (
+                format!(
+                    "kernel STP is on on {bridge} (turned on by {})",
+                    actor_text(self.model.stp_actor.get(bridge))
+                ),
+                None,
+            ),
+            Action::Enslave { bridge, port, .. } | Action::Forward { bridge, port, .. } => {
+                let track = self.model.track(port);
+                let state = track.map_or("unknown", |t| t.state.as_str());
+                (
+                    format!(
+                        "{bridge} {port} is {state} (by {})",
+                        actor_text(track.and_then(|t| t.actor.as_ref()))
+                    ),
+                    track.and_then(|t| t.outage_since),
+                )
+            }
+        }
+    }
+
+    /// Plans and applies the repairs the model calls for.
+    async fn reconcile(&mut self) {
+        let now = monotonic_ns();
+        self.confirm(now);
+        let plan = planner::plan(&self.model, &self.cfg.guards);
+        for r in &plan.refusals {
+            if self.logged_refusals.insert(r.clone()) {
+                tracing::warn!(bridge = %r.bridge, "refused: {}", r.reason);
+            }
+        }
+        if plan.refusals != self.refusals {
+            self.refusals.clone_from(&plan.refusals);
+            self.dirty = true;
+        }
+        if self.cfg.observe {
+            let keys: BTreeSet<String> = plan.actions.iter().map(Action::key).collect();
+            for a in &plan.actions {
+                if !self.observed.contains(&a.key()) {
+                    tracing::warn!("observe-only: would {a}: {}", self.fault(a).0);
+                }
+            }
+            self.observed = keys;
+            return;
+        }
+        for action in plan.actions {
+            let key = action.key();
+            if self.pending.contains_key(&key) {
+                continue;
+            }
+            if self.backoff.wait_until(&key, now).is_some() {
+                continue;
+            }
+            let (fault, outage_since) = self.fault(&action);
+            let issued = monotonic_ns();
+            match actuator::apply(&self.netlink.handle, &action).await {
+                Ok(()) => {
+                    *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
+                    self.dirty = true;
+                    let delay = self.backoff.record(&key, issued);
+                    if !delay.is_zero() {
+                        tracing::warn!(
+                            "backing off: {action} again in {delay:?} — something keeps undoing it ({fault})"
+                        );
+                    }
+                    self.pending.insert(key, Pending { action, issued, fault, outage_since });
+                }
+                Err(e) => {
+                    self.backoff.record(&key, issued);
+                    tracing::error!("repair failed: {}: {fault}", crate::error_chain(&e));
+                }
+            }
+        }
+    }
+
+    /// Logs and forgets repairs the model shows done, and those that timed out.
+    fn confirm(&mut self, now: Ktime) {
+        let model = &self.model;
+        self.pending.retain(|_, p| {
+            if p.action.done(model) {
+                let outage = p
+                    .outage_since
+                    .map_or_else(String::new, |t| format!("; out for {:.3} ms", (now.saturating_sub(t)) as f64 / 1e6));
+                tracing::info!(
+                    bridge = p.action.bridge(),
+                    action = p.action.kind(),
+                    latency_us = now.saturating_sub(p.issued) / 1000,
+                    "repaired: {}: {}{outage}",
+                    p.action,
+                    p.fault
+                );
+                false
+            } else if now.saturating_sub(p.issued) > CONFIRM_TIMEOUT_NS {
+                tracing::warn!("repair not confirmed within 1 s: {} ({})", p.action, p.fault);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// The state `status` shows.
+    pub fn status(&self) -> Status {
+        let unix = |t: Ktime| {
+            u64::try_from(
+                wall_time(t)
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            )
+            .unwrap_or(0)
+        };
+        let bridges = self
+            .cfg
+            .guards
+            .iter()
+            .map(|g| {
+                let br = self.model.bridge(&g.bridge);
+                status::BridgeStatus {
+                    name: g.bridge.clone(),
+                    present: br.is_some(),
+                    admin_up: br.is_some_and(|b| b.admin_up),
+                    carrier: br.is_some_and(|b| b.carrier),
+                    stp: br.and_then(|b| b.stp).map_or_else(String::new, |s| s.to_string()),
+                    refusals: self
+                        .refusals
+                        .iter()
+                        .filter(|r| r.bridge == g.bridge)
+                        .map(|r| r.reason.clone())
+                        .collect(),
+                    repairs: self.repairs.get(&g.bridge).copied().unwrap_or(0),
+                    ports: self
+                        .model
+                        .tracks()
+                        .filter(|(_, t)| t.bridge == g.bridge)
+                        .map(|(name, t)| status::PortStatus {
+                            name: name.clone(),
+                            state: t.state.to_string(),
+                            since_unix_ns: unix(t.since),
+                            clock: format!("{:?}", t.clock).to_lowercase(),
+                            actor: t.actor.as_ref().map(ToString::to_string),
+                            last_outage_ns: self.last_outage.get(name).copied(),
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        Status {
+            pid: std::process::id(),
+            updated_unix_ns: unix(monotonic_ns()),
+            hooks: self.hooks_summary(),
+            observe: self.cfg.observe,
+            bridges,
+        }
+    }
+
+    /// Writes the state file if anything changed.
+    pub fn publish(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        if let Err(e) = self.status().write(&self.cfg.state_dir) {
+            tracing::warn!("{}", crate::error_chain(&e));
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! The model of the guarded bridges: every link in the namespace, each guarded port's state and
+//! since when, and which ports belong to which guarded bridge (remembered by name, so a bridge
+//! deleted and recreated gets its ports back).
+//!
+//! Sources only feed it (`apply_*`); each call returns the port transitions it caused, stamped
+//! with the kernel's clock when eBPF saw the change and with receive time otherwise.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::{
+    event::{Actor, Change, KernelEvent, PortState, StpMode},
+    sources::netlink::{LinkSnapshot, NetlinkEvent},
+};
+
+/// CLOCK_MONOTONIC nanoseconds.
+pub type Ktime = u64;
+
+/// Which clock stamped a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Clock {
+    /// `bpf_ktime_get_ns` in the hook: when the kernel made the change.
+    Kernel,
+    /// When the agent received the netlink message (later than the change by its delivery).
+    Netlink,
+}
+
+/// A guarded port's current state.
+#[derive(Clone, Debug, Serialize)]
+pub struct Track {
+    pub bridge: String,
+    pub state: PortState,
+    pub since: Ktime,
+    pub clock: Clock,
+    /// When the port last stopped forwarding, while it is not forwarding.
+    pub outage_since: Option<Ktime>,
+    /// Who made the last change, where eBPF knows.
+    pub actor: Option<Actor>,
+}
+
+/// A port changing state, as the model saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    pub bridge: String,
+    pub port: String,
+    pub from: Option<PortState>,
+    pub to: PortState,
+    pub at: Ktime,
+    pub clock: Clock,
+    /// How long the port was in `from`.
+    pub in_from_ns: Option<u64>,
+    /// When this transition ends an episode of not forwarding: its whole length.
+    pub outage_ns: Option<u64>,
+    pub actor: Option<Actor>,
+}
+
+#[derive(Debug, Default)]
+pub struct Model {
+    guarded: BTreeSet<String>,
+    links: BTreeMap<u32, LinkSnapshot>,
+    /// Guarded port name -> state.
+    tracks: BTreeMap<String, Track>,
+    /// Guarded bridge name -> port names that belong to it.
+    members: BTreeMap<String, BTreeSet<String>>,
+    /// Ports that moved from a guarded bridge to another master: (bridge, port, new master).
+    moved: BTreeSet<(String, String, String)>,
+    /// Who last changed STP on a bridge, where eBPF knows.
+    pub stp_actor: BTreeMap<String, Actor>,
+}
+
+impl Model {
+    pub fn new(guarded: impl IntoIterator<Item = String>) -> Self {
+        let guarded: BTreeSet<String> = guarded.into_iter().collect();
+        let members = guarded.iter().map(|b| (b.clone(), BTreeSet::new())).collect();
+        Self {
+            guarded,
+            members,
+            ..Self::default()
+        }
+    }
+
+    pub fn guarded(&self) -> impl Iterator<Item = &str> {
+        self.guarded.iter().map(String::as_str)
+    }
+
+    pub fn link(&self, ifindex: u32) -> Option<&LinkSnapshot> {
+        self.links.get(&ifindex)
+    }
+
+    pub fn link_by_name(&self, name: &str) -> Option<&LinkSnapshot> {
+        self.links.values().find(|l| l.name == name)
+    }
+
+    pub fn links(&self) -> impl Iterator<Item = &LinkSnapshot> {
+        self.links.values()
+    }
+
+    /// The bridge device currently named `name`.
+    pub fn bridge(&self, name: &str) -> Option<&LinkSnapshot> {
+        self.links
+            .values()
+            .find(|l| l.name == name && l.kind == crate::sources::netlink::LinkKind::Bridge)
+    }
+
+    /// The links enslaved to `bridge_ifindex`.
+    pub fn ports_of(&self, bridge_ifindex: u32) -> impl Iterator<Item = &LinkSnapshot> {
+        self.links
+            .values()
+            .filter(move |l| l.master == Some(bridge_ifindex))
+    }
+
+    /// Port names remembered as members of guarded bridge `bridge`.
+    pub fn members(&self, bridge: &str) -> impl Iterator<Item = &str> {
+        self.members
+            .get(bridge)
+            .into_iter()
+            .flat_map(|m| m.iter().map(String::as_str))
+    }
+
+    /// Adds members from outside (libvirt's domain XML): they count as remembered.
+    pub fn remember(&mut self, bridge: &str, port: &str) {
+        if let Some(m) = self.members.get_mut(bridge) {
+            m.insert(port.to_owned());
+        }
+    }
+
+    /// Ports that left a guarded bridge for another master: (bridge, port, new master).
+    pub fn moved(&self) -> impl Iterator<Item = &(String, String, String)> {
+        self.moved.iter()
+    }
+
+    pub fn track(&self, port: &str) -> Option<&Track> {
+        self.tracks.get(port)
+    }
+
+    pub fn tracks(&self) -> impl Iterator<Item = (&String, &Track)> {
+        self.tracks.iter()
+    }
+
+    /// Replaces every link with a fresh dump.
+    pub fn reset(&mut self, links: Vec<LinkSnapshot>, now: Ktime) -> Vec<Transition> {
+        self.links = links.into_iter().map(|l| (l.ifindex, l)).collect();
+        self.refresh(now, Clock::Netlink, None)
+    }
+
+    pub fn apply_netlink(&mut self, ev: NetlinkEvent, now: Ktime) -> Vec<Transition> {
+        match ev {
+            NetlinkEvent::Link(snap) => {
+                self.links.insert(snap.ifindex, snap);
+            }
+            NetlinkEvent::Removed { ifindex, name } => {
+                self.links.remove(&ifindex);
+                // The device is gone, not detached: its membership ended.
+                for m in self.members.values_mut() {
+                    m.remove(&name);
+                }
+                self.tracks.remove(&name);
+                self.moved.retain(|(_, p, _)| *p != name);
+            }
+            NetlinkEvent::PortState {
+                ifindex,
+                master,
+                state,
+            } => {
+                if let Some(l) = self.links.get_mut(&ifindex) {
+                    l.port_state = Some(state);
+                    if master.is_some() {
+                        l.master = master;
+                    }
+                }
+            }
+            NetlinkEvent::Overrun => {}
+        }
+        self.refresh(now, Clock::Netlink, None)
+    }
+
+    /// Applies an eBPF event: the change, with the kernel's timestamp and actor.
+    pub fn apply_kernel(&mut self, ev: &KernelEvent) -> Vec<Transition> {
+        match ev.change {
+            Change::PortState { new: Some(state), .. } => {
+                if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
+                    l.port_state = Some(state);
+                }
+            }
+            Change::Join => {
+                if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
+                    l.master = Some(ev.bridge_ifindex);
+                }
+            }
+            Change::Leave => {
+                if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
+                    if l.master == Some(ev.bridge_ifindex) {
+                        l.master = None;
+                        l.port_state = None;
+                    }
+                }
+            }
+            Change::Stp { new, .. } => {
+                if let Some(l) = self.links.get_mut(&ev.bridge_ifindex) {
+                    l.stp = new;
+                }
+                self.stp_actor.insert(ev.bridge.clone(), ev.actor.clone());
+            }
+            Change::PortState { new: None, .. } => {}
+        }
+        self.refresh(ev.ktime_ns, Clock::Kernel, Some(&ev.actor))
+    }
+
+    /// The STP mode of a bridge, by name.
+    pub fn stp(&self, bridge: &str) -> Option<StpMode> {
+        self.bridge(bridge).and_then(|b| b.stp)
+    }
+
+    /// Recomputes every guarded port's state and records what changed.
+    fn refresh(&mut self, at: Ktime, clock: Clock, actor: Option<&Actor>) -> Vec<Transition> {
+        // Learn membership: a port seen on a guarded bridge belongs to it.
+        let guarded_ifindex: BTreeMap<u32, String> = self
+            .links
+            .values()
+            .filter(|l| self.guarded.contains(&l.name) && l.kind == crate::sources::netlink::LinkKind::Bridge)
+            .map(|l| (l.ifindex, l.name.clone()))
+            .collect();
+        for l in self.links.values() {
+            if let Some(bridge) = l.master.and_then(|m| guarded_ifindex.get(&m)) {
+                if let Some(m) = self.members.get_mut(bridge) {
+                    m.insert(l.name.clone());
+                }
+                self.moved.retain(|(_, p, _)| *p != l.name);
+            }
+        }
+        // Forget members that moved to another master, and say so once.
+        for (bridge, members) in &mut self.members {
+            let links = &self.links;
+            let moved = &mut self.moved;
+            members.retain(|port| {
+                let Some(link) = links.values().find(|l| l.name == *port) else {
+                    return true;
+                };
+                match link.master {
+                    Some(m) if !guarded_ifindex.get(&m).is_some_and(|b| b == bridge) => {
+                        let other = links.get(&m).map_or_else(|| m.to_string(), |l| l.name.clone());
+                        moved.insert((bridge.clone(), port.clone(), other));
+                        false
+                    }
+                    _ => true,
+                }
+            });
+        }
+
+        let mut out = Vec::new();
+        for (bridge, members) in &self.members {
+            let bridge_ifindex = guarded_ifindex
+                .iter()
+                .find(|(_, name)| *name == bridge)
+                .map(|(i, _)| *i);
+            for port in members {
+                let link = self.links.values().find(|l| l.name == *port);
+                let state = match link {
+                    Some(l) if l.master.is_some() && l.master == bridge_ifindex => {
+                        l.port_state.unwrap_or(PortState::Disabled)
+                    }
+                    Some(_) => PortState::Detached,
+                    // Device gone: nothing to track (Removed handles it).
+                    None => continue,
+                };
+                if let Some(t) = transition(&mut self.tracks, bridge, port, state, at, clock, actor) {
+                    out.push(t);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Updates the track of `port`; returns the transition when the state changed.
+fn transition(
+    tracks: &mut BTreeMap<String, Track>,
+    bridge: &str,
+    port: &str,
+    state: PortState,
+    at: Ktime,
+    clock: Clock,
+    actor: Option<&Actor>,
+) -> Option<Transition> {
+    let Some(track) = tracks.get_mut(port) else {
+        tracks.insert(
+            port.to_owned(),
+            Track {
+                bridge: bridge.to_owned(),
+                state,
+                since: at,
+                clock,
+                outage_since: (state != PortState::Forwarding).then_some(at),
+                actor: actor.cloned(),
+            },
+        );
+        return Some(Transition {
+            bridge: bridge.to_owned(),
+            port: port.to_owned(),
+            from: None,
+            to: state,
+            at,
+            clock,
+            in_from_ns: None,
+            outage_ns: None,
+            actor: actor.cloned(),
+        });
+    };
+    if track.state == state {
+        // The same state from the kernel's clock, earlier than netlink delivered it: the
+        // kernel's time is the true one.
+        if clock == Clock::Kernel && track.clock == Clock::Netlink && at < track.since {
+            if track.outage_since == Some(track.since) {
+                track.outage_since = Some(at);
+            }
+            track.since = at;
+            track.clock = clock;
+            track.actor = actor.cloned();
+        }
+        return None;
+    }
+    // Netlink delivers after the fact: never let its receive time predate a kernel stamp.
+    let at = at.max(track.since);
+    let from = track.state;
+    let outage_ns = (state == PortState::Forwarding)
+        .then_some(track.outage_since)
+        .flatten()
+        .map(|start| at.saturating_sub(start));
+    let t = Transition {
+        bridge: bridge.to_owned(),
+        port: port.to_owned(),
+        from: Some(from),
+        to: state,
+        at,
+        clock,
+        in_from_ns: Some(at - track.since),
+        outage_ns,
+        actor: actor.cloned(),
+    };
+    track.bridge = bridge.to_owned();
+    track.state = state;
+    track.since = at;
+    track.clock = clock;
+    track.actor = actor.cloned();
+    match (from == PortState::Forwarding, state == PortState::Forwarding) {
+        (true, false) => track.outage_since = Some(at),
+        (false, true) => track.outage_since = None,
+        _ => {}
+    }
+    Some(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::Hook,
+        sources::netlink::LinkKind,
+    };
+
+    pub(crate) fn link(ifindex: u32, name: &str, kind: LinkKind, master: Option<u32>) -> LinkSnapshot {
+        LinkSnapshot {
+            ifindex,
+            name: name.into(),
+            kind,
+            master,
+            admin_up: true,
+            carrier: true,
+            oper_up: true,
+            lower: None,
+            switchdev: false,
+            port_state: master.map(|_| PortState::Forwarding),
+            stp: None,
+        }
+    }
+
+    fn lab() -> Vec<LinkSnapshot> {
+        let mut br = link(7, "br0", LinkKind::Bridge, None);
+        br.stp = Some(StpMode::Off);
+        vec![br, link(9, "vnet0", LinkKind::Veth, Some(7))]
+    }
+
+    #[test]
+    fn learns_members_and_tracks_detach_and_reattach() {
+        let mut m = Model::new(["br0".to_owned()]);
+        let t = m.reset(lab(), 100);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].to, PortState::Forwarding);
+        assert_eq!(m.members("br0").collect::<Vec<_>>(), ["vnet0"]);
+
+        let t = m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)), 200);
+        assert_eq!((t[0].from, t[0].to), (Some(PortState::Forwarding), PortState::Detached));
+        assert_eq!(m.track("vnet0").and_then(|t| t.outage_since), Some(200));
+
+        let t = m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(7))), 350);
+        assert_eq!(t[0].to, PortState::Forwarding);
+        assert_eq!(t[0].in_from_ns, Some(150));
+        assert_eq!(t[0].outage_ns, Some(150));
+        assert_eq!(m.track("vnet0").and_then(|t| t.outage_since), None);
+    }
+
+    #[test]
+    fn membership_survives_bridge_recreation_by_name() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(lab(), 0);
+        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)), 1);
+        m.apply_netlink(NetlinkEvent::Removed { ifindex: 7, name: "br0".into() }, 2);
+        let mut br = link(12, "br0", LinkKind::Bridge, None);
+        br.stp = Some(StpMode::Off);
+        m.apply_netlink(NetlinkEvent::Link(br), 3);
+        assert_eq!(m.members("br0").collect::<Vec<_>>(), ["vnet0"]);
+        assert_eq!(m.track("vnet0").map(|t| t.state), Some(PortState::Detached));
+    }
+
+    #[test]
+    fn a_port_moved_to_another_bridge_is_forgotten_and_reported() {
+        let mut m = Model::new(["br0".to_owned()]);
+        let mut links = lab();
+        links.push(link(20, "br1", LinkKind::Bridge, None));
+        m.reset(links, 0);
+        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(20))), 1);
+        assert_eq!(m.members("br0").count(), 0);
+        assert_eq!(
+            m.moved().cloned().collect::<Vec<_>>(),
+            [("br0".to_owned(), "vnet0".to_owned(), "br1".to_owned())]
+        );
+    }
+
+    #[test]
+    fn kernel_time_corrects_a_later_netlink_stamp_and_never_goes_backwards() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(lab(), 0);
+        m.apply_netlink(
+            NetlinkEvent::PortState { ifindex: 9, master: Some(7), state: PortState::Listening },
+            1_000,
+        );
+        let ev = KernelEvent {
+            ktime_ns: 900,
+            netns: 1,
+            bridge: "br0".into(),
+            bridge_ifindex: 7,
+            port: "vnet0".into(),
+            port_ifindex: 9,
+            change: Change::PortState { old: Some(PortState::Blocking), new: Some(PortState::Listening) },
+            actor: Actor::StpTimer,
+            hook: Hook::TimerStart,
+        };
+        assert!(m.apply_kernel(&ev).is_empty());
+        let t = m.track("vnet0").expect("tracked");
+        assert_eq!((t.since, t.clock, t.outage_since), (900, Clock::Kernel, Some(900)));
+        assert_eq!(t.actor, Some(Actor::StpTimer));
+    }
+}
