@@ -7,7 +7,21 @@ use netlink_packet_route::link::{
 };
 use rtnetlink::{Handle, LinkBridgePort, LinkUnspec};
 
-use crate::planner::Action;
+use futures::TryStreamExt as _;
+
+use crate::{
+    planner::Action,
+    sources::netlink::{LinkSnapshot, snapshot},
+};
+
+/// What applying a repair came to.
+#[derive(Debug)]
+pub enum Applied {
+    /// The kernel acknowledged it.
+    Done,
+    /// Not applied: the kernel's current view, fetched just before, shows it would be wrong.
+    Stale(LinkSnapshot),
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot {action}")]
@@ -40,7 +54,31 @@ fn stp_off(bridge_ifindex: u32) -> LinkMessage {
 }
 
 /// Applies one repair and waits for the kernel's acknowledgement.
-pub async fn apply(handle: &Handle, action: &Action) -> Result<(), ActuatorError> {
+///
+/// A port seen without a master may be between two masters (`ip link set P master OTHER`
+/// detaches, notifies, then attaches): enslaving from that view would steal it. So its master
+/// is read back from the kernel right before, and a port that has one is left alone.
+pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, ActuatorError> {
+    let err = |source| ActuatorError {
+        action: action.to_string(),
+        source,
+    };
+    if let Action::Enslave { port_ifindex, .. } = action {
+        let current = handle
+            .link()
+            .get()
+            .match_index(*port_ifindex)
+            .execute()
+            .try_next()
+            .await
+            .map_err(err)?;
+        if let Some(msg) = current {
+            let snap = snapshot(&msg);
+            if snap.master.is_some() {
+                return Ok(Applied::Stale(snap));
+            }
+        }
+    }
     let link = handle.link();
     let result = match action {
         Action::BridgeUp { bridge_ifindex, .. } => {
@@ -48,7 +86,9 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<(), ActuatorError
                 .execute()
                 .await
         }
-        Action::StpOff { bridge_ifindex, .. } => link.change(stp_off(*bridge_ifindex)).execute().await,
+        Action::StpOff { bridge_ifindex, .. } => {
+            link.change(stp_off(*bridge_ifindex)).execute().await
+        }
         Action::Enslave {
             bridge_ifindex,
             port_ifindex,
@@ -72,8 +112,5 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<(), ActuatorError
             .await
         }
     };
-    result.map_err(|source| ActuatorError {
-        action: action.to_string(),
-        source,
-    })
+    result.map(|()| Applied::Done).map_err(err)
 }

@@ -145,7 +145,10 @@ impl Agent {
     /// Runs until `shutdown` completes.
     pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
         tokio::pin!(shutdown);
-        let mut tick = tokio::time::interval_at(Instant::now() + self.cfg.reconcile_every, self.cfg.reconcile_every);
+        let mut tick = tokio::time::interval_at(
+            Instant::now() + self.cfg.reconcile_every,
+            self.cfg.reconcile_every,
+        );
         let mut batch = Vec::new();
         loop {
             let now = monotonic_ns();
@@ -288,7 +291,14 @@ impl Agent {
             let (fault, outage_since) = self.fault(&action);
             let issued = monotonic_ns();
             match actuator::apply(&self.netlink.handle, &action).await {
-                Ok(()) => {
+                Ok(actuator::Applied::Stale(fresh)) => {
+                    tracing::debug!("not applied, the kernel moved on: {action}");
+                    let t = self
+                        .model
+                        .apply_netlink(NetlinkEvent::Link(fresh), monotonic_ns());
+                    self.log_transitions(&t);
+                }
+                Ok(actuator::Applied::Done) => {
                     *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
                     self.dirty = true;
                     let delay = self.backoff.record(&key, issued);
@@ -297,7 +307,15 @@ impl Agent {
                             "backing off: {action} again in {delay:?} — something keeps undoing it ({fault})"
                         );
                     }
-                    self.pending.insert(key, Pending { action, issued, fault, outage_since });
+                    self.pending.insert(
+                        key,
+                        Pending {
+                            action,
+                            issued,
+                            fault,
+                            outage_since,
+                        },
+                    );
                 }
                 Err(e) => {
                     self.backoff.record(&key, issued);
@@ -312,9 +330,9 @@ impl Agent {
         let model = &self.model;
         self.pending.retain(|_, p| {
             if p.action.done(model) {
-                let outage = p
-                    .outage_since
-                    .map_or_else(String::new, |t| format!("; out for {:.3} ms", (now.saturating_sub(t)) as f64 / 1e6));
+                let outage = p.outage_since.map_or_else(String::new, |t| {
+                    format!("; out for {:.3} ms", (now.saturating_sub(t)) as f64 / 1e6)
+                });
                 tracing::info!(
                     bridge = p.action.bridge(),
                     action = p.action.kind(),
@@ -325,7 +343,11 @@ impl Agent {
                 );
                 false
             } else if now.saturating_sub(p.issued) > CONFIRM_TIMEOUT_NS {
-                tracing::warn!("repair not confirmed within 1 s: {} ({})", p.action, p.fault);
+                tracing::warn!(
+                    "repair not confirmed within 1 s: {} ({})",
+                    p.action,
+                    p.fault
+                );
                 false
             } else {
                 true
@@ -355,7 +377,9 @@ impl Agent {
                     present: br.is_some(),
                     admin_up: br.is_some_and(|b| b.admin_up),
                     carrier: br.is_some_and(|b| b.carrier),
-                    stp: br.and_then(|b| b.stp).map_or_else(String::new, |s| s.to_string()),
+                    stp: br
+                        .and_then(|b| b.stp)
+                        .map_or_else(String::new, |s| s.to_string()),
                     refusals: self
                         .refusals
                         .iter()

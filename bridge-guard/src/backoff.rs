@@ -49,7 +49,9 @@ impl Backoff {
         e.last = now;
         let delay = match e.repeats.checked_sub(FREE_REPEATS + 1) {
             None => Duration::ZERO,
-            Some(n) => BASE.saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX)).min(CAP),
+            Some(n) => BASE
+                .saturating_mul(1u32.checked_shl(n.min(16)).unwrap_or(u32::MAX))
+                .min(CAP),
         };
         e.next_allowed = now + ns(delay);
         delay
@@ -57,7 +59,11 @@ impl Backoff {
 
     /// The earliest time any waiting repair becomes allowed, after `now`.
     pub fn next_wakeup(&self, now: Ktime) -> Option<Ktime> {
-        self.entries.values().map(|e| e.next_allowed).filter(|&t| t > now).min()
+        self.entries
+            .values()
+            .map(|e| e.next_allowed)
+            .filter(|&t| t > now)
+            .min()
     }
 }
 

@@ -70,7 +70,10 @@ mod tests {
 </domstatus>"#;
         assert_eq!(
             parse_domain(xml).expect("parses"),
-            [("virbr0".to_owned(), "vnet0".to_owned()), ("br-lan".to_owned(), "vnet1".to_owned())]
+            [
+                ("virbr0".to_owned(), "vnet0".to_owned()),
+                ("br-lan".to_owned(), "vnet1".to_owned())
+            ]
         );
     }
 

@@ -73,7 +73,10 @@ pub struct Model {
 impl Model {
     pub fn new(guarded: impl IntoIterator<Item = String>) -> Self {
         let guarded: BTreeSet<String> = guarded.into_iter().collect();
-        let members = guarded.iter().map(|b| (b.clone(), BTreeSet::new())).collect();
+        let members = guarded
+            .iter()
+            .map(|b| (b.clone(), BTreeSet::new()))
+            .collect();
         Self {
             guarded,
             members,
@@ -179,7 +182,9 @@ impl Model {
     /// Applies an eBPF event: the change, with the kernel's timestamp and actor.
     pub fn apply_kernel(&mut self, ev: &KernelEvent) -> Vec<Transition> {
         match ev.change {
-            Change::PortState { new: Some(state), .. } => {
+            Change::PortState {
+                new: Some(state), ..
+            } => {
                 if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
                     l.port_state = Some(state);
                 }
@@ -219,7 +224,10 @@ impl Model {
         let guarded_ifindex: BTreeMap<u32, String> = self
             .links
             .values()
-            .filter(|l| self.guarded.contains(&l.name) && l.kind == crate::sources::netlink::LinkKind::Bridge)
+            .filter(|l| {
+                self.guarded.contains(&l.name)
+                    && l.kind == crate::sources::netlink::LinkKind::Bridge
+            })
             .map(|l| (l.ifindex, l.name.clone()))
             .collect();
         for l in self.links.values() {
@@ -239,8 +247,10 @@ impl Model {
                     return true;
                 };
                 match link.master {
-                    Some(m) if !guarded_ifindex.get(&m).is_some_and(|b| b == bridge) => {
-                        let other = links.get(&m).map_or_else(|| m.to_string(), |l| l.name.clone());
+                    Some(m) if guarded_ifindex.get(&m).is_none_or(|b| b != bridge) => {
+                        let other = links
+                            .get(&m)
+                            .map_or_else(|| m.to_string(), |l| l.name.clone());
                         moved.insert((bridge.clone(), port.clone(), other));
                         false
                     }
@@ -265,7 +275,8 @@ impl Model {
                     // Device gone: nothing to track (Removed handles it).
                     None => continue,
                 };
-                if let Some(t) = transition(&mut self.tracks, bridge, port, state, at, clock, actor) {
+                if let Some(t) = transition(&mut self.tracks, bridge, port, state, at, clock, actor)
+                {
                     out.push(t);
                 }
             }
@@ -344,7 +355,10 @@ fn transition(
     track.since = at;
     track.clock = clock;
     track.actor = actor.cloned();
-    match (from == PortState::Forwarding, state == PortState::Forwarding) {
+    match (
+        from == PortState::Forwarding,
+        state == PortState::Forwarding,
+    ) {
         (true, false) => track.outage_since = Some(at),
         (false, true) => track.outage_since = None,
         _ => {}
@@ -355,12 +369,14 @@ fn transition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        event::Hook,
-        sources::netlink::LinkKind,
-    };
+    use crate::{event::Hook, sources::netlink::LinkKind};
 
-    pub(crate) fn link(ifindex: u32, name: &str, kind: LinkKind, master: Option<u32>) -> LinkSnapshot {
+    pub(crate) fn link(
+        ifindex: u32,
+        name: &str,
+        kind: LinkKind,
+        master: Option<u32>,
+    ) -> LinkSnapshot {
         LinkSnapshot {
             ifindex,
             name: name.into(),
@@ -390,11 +406,20 @@ mod tests {
         assert_eq!(t[0].to, PortState::Forwarding);
         assert_eq!(m.members("br0").collect::<Vec<_>>(), ["vnet0"]);
 
-        let t = m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)), 200);
-        assert_eq!((t[0].from, t[0].to), (Some(PortState::Forwarding), PortState::Detached));
+        let t = m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            200,
+        );
+        assert_eq!(
+            (t[0].from, t[0].to),
+            (Some(PortState::Forwarding), PortState::Detached)
+        );
         assert_eq!(m.track("vnet0").and_then(|t| t.outage_since), Some(200));
 
-        let t = m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(7))), 350);
+        let t = m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(7))),
+            350,
+        );
         assert_eq!(t[0].to, PortState::Forwarding);
         assert_eq!(t[0].in_from_ns, Some(150));
         assert_eq!(t[0].outage_ns, Some(150));
@@ -405,8 +430,17 @@ mod tests {
     fn membership_survives_bridge_recreation_by_name() {
         let mut m = Model::new(["br0".to_owned()]);
         m.reset(lab(), 0);
-        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)), 1);
-        m.apply_netlink(NetlinkEvent::Removed { ifindex: 7, name: "br0".into() }, 2);
+        m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            1,
+        );
+        m.apply_netlink(
+            NetlinkEvent::Removed {
+                ifindex: 7,
+                name: "br0".into(),
+            },
+            2,
+        );
         let mut br = link(12, "br0", LinkKind::Bridge, None);
         br.stp = Some(StpMode::Off);
         m.apply_netlink(NetlinkEvent::Link(br), 3);
@@ -420,7 +454,10 @@ mod tests {
         let mut links = lab();
         links.push(link(20, "br1", LinkKind::Bridge, None));
         m.reset(links, 0);
-        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(20))), 1);
+        m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(20))),
+            1,
+        );
         assert_eq!(m.members("br0").count(), 0);
         assert_eq!(
             m.moved().cloned().collect::<Vec<_>>(),
@@ -433,7 +470,11 @@ mod tests {
         let mut m = Model::new(["br0".to_owned()]);
         m.reset(lab(), 0);
         m.apply_netlink(
-            NetlinkEvent::PortState { ifindex: 9, master: Some(7), state: PortState::Listening },
+            NetlinkEvent::PortState {
+                ifindex: 9,
+                master: Some(7),
+                state: PortState::Listening,
+            },
             1_000,
         );
         let ev = KernelEvent {
@@ -443,13 +484,19 @@ mod tests {
             bridge_ifindex: 7,
             port: "vnet0".into(),
             port_ifindex: 9,
-            change: Change::PortState { old: Some(PortState::Blocking), new: Some(PortState::Listening) },
+            change: Change::PortState {
+                old: Some(PortState::Blocking),
+                new: Some(PortState::Listening),
+            },
             actor: Actor::StpTimer,
             hook: Hook::TimerStart,
         };
         assert!(m.apply_kernel(&ev).is_empty());
         let t = m.track("vnet0").expect("tracked");
-        assert_eq!((t.since, t.clock, t.outage_since), (900, Clock::Kernel, Some(900)));
+        assert_eq!(
+            (t.since, t.clock, t.outage_since),
+            (900, Clock::Kernel, Some(900))
+        );
         assert_eq!(t.actor, Some(Actor::StpTimer));
     }
 }

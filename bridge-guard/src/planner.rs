@@ -49,10 +49,25 @@ pub struct Guard {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Action {
-    BridgeUp { bridge: String, bridge_ifindex: u32 },
-    StpOff { bridge: String, bridge_ifindex: u32 },
-    Enslave { bridge: String, bridge_ifindex: u32, port: String, port_ifindex: u32 },
-    Forward { bridge: String, port: String, port_ifindex: u32 },
+    BridgeUp {
+        bridge: String,
+        bridge_ifindex: u32,
+    },
+    StpOff {
+        bridge: String,
+        bridge_ifindex: u32,
+    },
+    Enslave {
+        bridge: String,
+        bridge_ifindex: u32,
+        port: String,
+        port_ifindex: u32,
+    },
+    Forward {
+        bridge: String,
+        port: String,
+        port_ifindex: u32,
+    },
 }
 
 impl Action {
@@ -88,16 +103,22 @@ impl Action {
     /// Whether the model shows the repair took effect.
     pub fn done(&self, model: &Model) -> bool {
         match self {
-            Self::BridgeUp { bridge_ifindex, .. } => model.link(*bridge_ifindex).is_some_and(|l| l.admin_up),
-            Self::StpOff { bridge_ifindex, .. } => {
-                model.link(*bridge_ifindex).is_some_and(|l| l.stp == Some(StpMode::Off))
+            Self::BridgeUp { bridge_ifindex, .. } => {
+                model.link(*bridge_ifindex).is_some_and(|l| l.admin_up)
             }
-            Self::Enslave { bridge_ifindex, port_ifindex, .. } => {
-                model.link(*port_ifindex).is_some_and(|l| l.master == Some(*bridge_ifindex))
-            }
-            Self::Forward { port_ifindex, .. } => {
-                model.link(*port_ifindex).is_some_and(|l| l.port_state == Some(PortState::Forwarding))
-            }
+            Self::StpOff { bridge_ifindex, .. } => model
+                .link(*bridge_ifindex)
+                .is_some_and(|l| l.stp == Some(StpMode::Off)),
+            Self::Enslave {
+                bridge_ifindex,
+                port_ifindex,
+                ..
+            } => model
+                .link(*port_ifindex)
+                .is_some_and(|l| l.master == Some(*bridge_ifindex)),
+            Self::Forward { port_ifindex, .. } => model
+                .link(*port_ifindex)
+                .is_some_and(|l| l.port_state == Some(PortState::Forwarding)),
         }
     }
 }
@@ -145,7 +166,10 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// Why repairing a bridge with `port` on it could create a loop or fight an owner.
 fn hazard(port: &LinkSnapshot, model: &Model) -> Option<String> {
     if port.switchdev {
-        return Some(format!("{} is a switchdev (hardware-offloaded) port", port.name));
+        return Some(format!(
+            "{} is a switchdev (hardware-offloaded) port",
+            port.name
+        ));
     }
     match &port.kind {
         LinkKind::Physical => Some(format!("{} is a physical NIC", port.name)),
@@ -159,7 +183,10 @@ fn hazard(port: &LinkSnapshot, model: &Model) -> Option<String> {
                     port.name, l.name
                 )),
                 // A lower device in another namespace is unknown: assume it leaves the host.
-                None if port.lower.is_some() => Some(format!("{} is a {kind} on a device outside this namespace", port.name)),
+                None if port.lower.is_some() => Some(format!(
+                    "{} is a {kind} on a device outside this namespace",
+                    port.name
+                )),
                 _ => None,
             }
         }
@@ -180,7 +207,10 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     let policy = &guard.policy;
     let name = guard.bridge.as_str();
     let refuse = |plan: &mut Plan, reason: String| {
-        plan.refusals.push(Refusal { bridge: name.to_owned(), reason });
+        plan.refusals.push(Refusal {
+            bridge: name.to_owned(),
+            reason,
+        });
     };
     let Some(br) = model.bridge(name) else {
         return; // Not there (yet): recreating it is its owner's job; we re-attach when it returns.
@@ -206,10 +236,16 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     let stp_on = br.stp == Some(StpMode::Kernel);
     let stp_off_planned = policy.stp_off && stp_on;
     if stp_off_planned {
-        plan.actions.push(Action::StpOff { bridge: name.to_owned(), bridge_ifindex: br.ifindex });
+        plan.actions.push(Action::StpOff {
+            bridge: name.to_owned(),
+            bridge_ifindex: br.ifindex,
+        });
     }
     if policy.keep_up && !br.admin_up {
-        plan.actions.push(Action::BridgeUp { bridge: name.to_owned(), bridge_ifindex: br.ifindex });
+        plan.actions.push(Action::BridgeUp {
+            bridge: name.to_owned(),
+            bridge_ifindex: br.ifindex,
+        });
     }
 
     // Ports of a bridge that is down are disabled and come up by themselves with it.
@@ -218,12 +254,19 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
             // Disabled is transient (carrier lost, or leaving the bridge): the kernel enables
             // the port when its carrier returns, straight into forwarding once STP is off.
             let stuck = p.oper_up
-                && p.port_state.is_some_and(|s| !matches!(s, PortState::Forwarding | PortState::Disabled));
+                && p.port_state
+                    .is_some_and(|s| !matches!(s, PortState::Forwarding | PortState::Disabled));
             if !stuck {
                 continue;
             }
             if stp_on && !stp_off_planned {
-                refuse(plan, format!("{} is not forwarding but kernel STP is on and stp_off is disabled", p.name));
+                refuse(
+                    plan,
+                    format!(
+                        "{} is not forwarding but kernel STP is on and stp_off is disabled",
+                        p.name
+                    ),
+                );
                 continue;
             }
             plan.actions.push(Action::Forward {
@@ -237,13 +280,21 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     if policy.reattach {
         let mut wanted: Vec<&str> = model.members(name).collect();
         for l in model.links() {
-            if policy.port_patterns.iter().any(|pat| glob_match(pat, &l.name)) && !wanted.contains(&l.name.as_str()) {
+            if policy
+                .port_patterns
+                .iter()
+                .any(|pat| glob_match(pat, &l.name))
+                && !wanted.contains(&l.name.as_str())
+            {
                 wanted.push(&l.name);
             }
         }
         for port in wanted {
-            let Some(link) = model.link_by_name(port) else { continue };
-            if link.master.is_some() || link.ifindex == br.ifindex || link.kind == LinkKind::Bridge {
+            let Some(link) = model.link_by_name(port) else {
+                continue;
+            };
+            if link.master.is_some() || link.ifindex == br.ifindex || link.kind == LinkKind::Bridge
+            {
                 continue; // On this bridge, or on another master (see `moved`): never pulled back.
             }
             if let Some(h) = hazard(link, model).filter(|_| !policy.allow_unsafe) {
@@ -260,7 +311,10 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     }
     for (bridge, port, other) in model.moved() {
         if bridge == name {
-            refuse(plan, format!("{port} moved to {other}: not pulling it back"));
+            refuse(
+                plan,
+                format!("{port} moved to {other}: not pulling it back"),
+            );
         }
     }
 }
@@ -293,7 +347,10 @@ mod tests {
     }
 
     fn guard(bridge: &str) -> Vec<Guard> {
-        vec![Guard { bridge: bridge.into(), policy: Policy::default() }]
+        vec![Guard {
+            bridge: bridge.into(),
+            policy: Policy::default(),
+        }]
     }
 
     fn model(links: Vec<LinkSnapshot>) -> Model {
@@ -304,7 +361,10 @@ mod tests {
 
     #[test]
     fn healthy_bridge_needs_nothing() {
-        let m = model(vec![bridge(7, "br0", StpMode::Off), link(9, "vnet0", LinkKind::Veth, Some(7))]);
+        let m = model(vec![
+            bridge(7, "br0", StpMode::Off),
+            link(9, "vnet0", LinkKind::Veth, Some(7)),
+        ]);
         assert_eq!(plan(&m, &guard("br0")), Plan::default());
     }
 
@@ -317,8 +377,15 @@ mod tests {
         assert_eq!(
             p.actions,
             [
-                Action::StpOff { bridge: "br0".into(), bridge_ifindex: 7 },
-                Action::Forward { bridge: "br0".into(), port: "vnet0".into(), port_ifindex: 9 },
+                Action::StpOff {
+                    bridge: "br0".into(),
+                    bridge_ifindex: 7
+                },
+                Action::Forward {
+                    bridge: "br0".into(),
+                    port: "vnet0".into(),
+                    port_ifindex: 9
+                },
             ]
         );
     }
@@ -344,8 +411,14 @@ mod tests {
         assert_eq!(
             plan(&m, &guard("br0")).actions,
             [
-                Action::StpOff { bridge: "br0".into(), bridge_ifindex: 7 },
-                Action::BridgeUp { bridge: "br0".into(), bridge_ifindex: 7 },
+                Action::StpOff {
+                    bridge: "br0".into(),
+                    bridge_ifindex: 7
+                },
+                Action::BridgeUp {
+                    bridge: "br0".into(),
+                    bridge_ifindex: 7
+                },
             ]
         );
     }
@@ -357,19 +430,45 @@ mod tests {
         let mut port = link(9, "vnet0", LinkKind::Veth, Some(7));
         port.port_state = Some(PortState::Disabled);
         let m = model(vec![br, port]);
-        assert_eq!(plan(&m, &guard("br0")).actions, [Action::BridgeUp { bridge: "br0".into(), bridge_ifindex: 7 }]);
+        assert_eq!(
+            plan(&m, &guard("br0")).actions,
+            [Action::BridgeUp {
+                bridge: "br0".into(),
+                bridge_ifindex: 7
+            }]
+        );
     }
 
     #[test]
     fn detached_members_are_reattached_even_to_a_recreated_bridge() {
-        let mut m = model(vec![bridge(7, "br0", StpMode::Off), link(9, "vnet0", LinkKind::Veth, Some(7))]);
-        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)), 1);
-        m.apply_netlink(NetlinkEvent::Removed { ifindex: 7, name: "br0".into() }, 2);
-        assert!(plan(&m, &guard("br0")).actions.is_empty(), "no bridge, nothing to do");
+        let mut m = model(vec![
+            bridge(7, "br0", StpMode::Off),
+            link(9, "vnet0", LinkKind::Veth, Some(7)),
+        ]);
+        m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            1,
+        );
+        m.apply_netlink(
+            NetlinkEvent::Removed {
+                ifindex: 7,
+                name: "br0".into(),
+            },
+            2,
+        );
+        assert!(
+            plan(&m, &guard("br0")).actions.is_empty(),
+            "no bridge, nothing to do"
+        );
         m.apply_netlink(NetlinkEvent::Link(bridge(30, "br0", StpMode::Off)), 3);
         assert_eq!(
             plan(&m, &guard("br0")).actions,
-            [Action::Enslave { bridge: "br0".into(), bridge_ifindex: 30, port: "vnet0".into(), port_ifindex: 9 }]
+            [Action::Enslave {
+                bridge: "br0".into(),
+                bridge_ifindex: 30,
+                port: "vnet0".into(),
+                port_ifindex: 9
+            }]
         );
     }
 
@@ -380,12 +479,18 @@ mod tests {
             bridge(8, "br1", StpMode::Off),
             link(9, "vnet0", LinkKind::Veth, Some(7)),
         ]);
-        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(8))), 1);
+        m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(8))),
+            1,
+        );
         let mut guards = guard("br0");
         guards[0].policy.port_patterns = vec!["vnet*".into()];
         let p = plan(&m, &guards);
         assert!(p.actions.is_empty(), "{p:?}");
-        assert_eq!(p.refusals[0].reason, "vnet0 moved to br1: not pulling it back");
+        assert_eq!(
+            p.refusals[0].reason,
+            "vnet0 moved to br1: not pulling it back"
+        );
     }
 
     #[test]
@@ -393,10 +498,20 @@ mod tests {
         let mut port = link(9, "vnet0", LinkKind::Veth, Some(7));
         port.port_state = Some(PortState::Listening);
         for (hazard, expect) in [
-            (link(10, "vx0", LinkKind::Tunnel("vxlan".into()), Some(7)), "vx0 is a vxlan tunnel port"),
-            (link(10, "eth0", LinkKind::Physical, Some(7)), "eth0 is a physical NIC"),
+            (
+                link(10, "vx0", LinkKind::Tunnel("vxlan".into()), Some(7)),
+                "vx0 is a vxlan tunnel port",
+            ),
+            (
+                link(10, "eth0", LinkKind::Physical, Some(7)),
+                "eth0 is a physical NIC",
+            ),
         ] {
-            let m = model(vec![bridge(7, "br0", StpMode::Kernel), port.clone(), hazard]);
+            let m = model(vec![
+                bridge(7, "br0", StpMode::Kernel),
+                port.clone(),
+                hazard,
+            ]);
             let p = plan(&m, &guard("br0"));
             assert!(p.actions.is_empty(), "{p:?}");
             assert!(p.refusals[0].reason.contains(expect), "{p:?}");
@@ -415,7 +530,11 @@ mod tests {
         vlan.lower = Some(2);
         let nic = link(2, "eth0", LinkKind::Physical, None);
         let m = model(vec![bridge(7, "br0", StpMode::Off), nic, vlan]);
-        assert!(plan(&m, &guard("br0")).refusals[0].reason.contains("eth0.5 is a vlan on eth0"));
+        assert!(
+            plan(&m, &guard("br0")).refusals[0]
+                .reason
+                .contains("eth0.5 is a vlan on eth0")
+        );
 
         let mut mv = link(11, "mv0", LinkKind::Stacked("macvlan".into()), Some(7));
         mv.lower = Some(3);
@@ -431,7 +550,11 @@ mod tests {
         let m = model(vec![br]);
         let guards = vec![Guard {
             bridge: "br0".into(),
-            policy: Policy { stp_off: false, keep_up: false, ..Policy::default() },
+            policy: Policy {
+                stp_off: false,
+                keep_up: false,
+                ..Policy::default()
+            },
         }];
         assert!(plan(&m, &guards).actions.is_empty());
     }

@@ -44,9 +44,7 @@ pub struct PortStatus {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error(
-        "no agent state in {dir}: is `bridge-guard run` running (with the same --state-dir)?"
-    )]
+    #[error("no agent state in {dir}: is `bridge-guard run` running (with the same --state-dir)?")]
     Missing { dir: String },
     #[error("cannot read {path}")]
     Read {
@@ -109,7 +107,11 @@ impl Status {
     pub fn render(&self, now_unix_ns: u64) -> String {
         let ago = |t: u64| format_duration(now_unix_ns.saturating_sub(t));
         let mut out = String::new();
-        let alive = if self.agent_alive() { "running" } else { "NOT running (state is stale)" };
+        let alive = if self.agent_alive() {
+            "running"
+        } else {
+            "NOT running (state is stale)"
+        };
         let _ = writeln!(
             out,
             "agent pid {} {alive}; hooks: {}{}",
@@ -134,7 +136,11 @@ impl Status {
             for r in &b.refusals {
                 let _ = writeln!(out, "  refused: {r}");
             }
-            let _ = writeln!(out, "  {:<16} {:<11} {:>12}  {:<8} {:<14} last outage", "port", "state", "for", "clock", "by");
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<11} {:>12}  {:<8} {:<14} last outage",
+                "port", "state", "for", "clock", "by"
+            );
             for p in &b.ports {
                 let _ = writeln!(
                     out,
@@ -144,7 +150,8 @@ impl Status {
                     ago(p.since_unix_ns),
                     p.clock,
                     p.actor.as_deref().unwrap_or("-"),
-                    p.last_outage_ns.map_or_else(|| "-".to_owned(), format_duration)
+                    p.last_outage_ns
+                        .map_or_else(|| "-".to_owned(), format_duration)
                 );
             }
         }
@@ -200,11 +207,21 @@ mod tests {
         let text = status.render(3_500_000_000);
         assert!(text.contains("running"), "{text}");
         assert!(text.contains("refused: vnet1 moved to br1"), "{text}");
-        let row = text.lines().find(|l| l.contains("vnet0")).expect("port row");
+        let row = text
+            .lines()
+            .find(|l| l.contains("vnet0"))
+            .expect("port row");
         let cols: Vec<&str> = row.split_whitespace().collect();
-        assert_eq!(&cols[..6], ["vnet0", "forwarding", "2.500", "s", "kernel", "ip[42]"], "{text}");
+        assert_eq!(
+            &cols[..6],
+            ["vnet0", "forwarding", "2.500", "s", "kernel", "ip[42]"],
+            "{text}"
+        );
         assert!(text.contains("850 µs"), "{text}");
         std::fs::remove_dir_all(&dir).expect("cleanup");
-        assert!(matches!(Status::read(&dir), Err(StatusError::Missing { .. })));
+        assert!(matches!(
+            Status::read(&dir),
+            Err(StatusError::Missing { .. })
+        ));
     }
 }

@@ -11,7 +11,6 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex,
         atomic::{AtomicU32, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError},
     },
@@ -157,30 +156,52 @@ impl Drop for NetNs {
     }
 }
 
-/// The real agent running `watch --json` in a namespace; killed on drop.
+/// The real agent as a child process in a namespace; killed on drop.
 pub struct Agent {
     child: Child,
     events: Receiver<Value>,
-    /// Every event received so far, in order.
+    logs: Receiver<String>,
+    /// Every event received so far, in order (`watch --json` only).
     pub seen: Vec<Value>,
+    /// Every log line read so far, in order.
+    pub log: Vec<String>,
     /// The readiness line.
     pub ready: String,
-    stderr: Arc<Mutex<Vec<String>>>,
+    /// The agent's state directory (`run` only); removed on drop.
+    pub state_dir: PathBuf,
 }
 
 impl Agent {
-    /// Starts `bridge-guard watch --json ARGS` in `ns` and waits (up to 60 s) until it says it
-    /// is ready, i.e. every hook is attached.
+    /// Starts `bridge-guard watch --json ARGS` in `ns` and waits until every hook is attached.
     pub fn watch(ns: &NetNs, args: &[&str]) -> Result<Self> {
+        let mut all = vec!["watch", "--json"];
+        all.extend_from_slice(args);
+        Self::spawn(ns, &all)
+    }
+
+    /// Starts `bridge-guard run --state-dir <private dir> ARGS` in `ns` and waits until it is
+    /// ready: hooks attached and the first reconcile done.
+    pub fn run(ns: &NetNs, args: &[&str]) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{}-state", ns.name));
+        let dir_arg = dir.to_string_lossy().into_owned();
+        let mut all = vec!["run", "--state-dir", dir_arg.as_str()];
+        all.extend_from_slice(args);
+        let mut agent = Self::spawn(ns, &all)?;
+        agent.state_dir = dir;
+        Ok(agent)
+    }
+
+    /// Starts the agent with `args` in `ns` and waits (up to 60 s) for its readiness line.
+    pub fn spawn(ns: &NetNs, args: &[&str]) -> Result<Self> {
         let mut child = ns
             .command(agent_bin())
-            .args(["watch", "--json"])
             .args(args)
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("spawning bridge-guard watch")?;
+            .context("spawning bridge-guard")?;
         let stdout = child.stdout.take().context("no stdout")?;
         let stderr = child.stderr.take().context("no stderr")?;
         let (ev_tx, events) = mpsc::channel();
@@ -196,46 +217,92 @@ impl Agent {
                 }
             }
         });
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let log_writer = Arc::clone(&log);
+        let (log_tx, logs) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("ready:") {
-                    let _ = ready_tx.send(line.clone());
-                }
-                if let Ok(mut l) = log_writer.lock() {
-                    l.push(line);
+                if log_tx.send(line).is_err() {
+                    break;
                 }
             }
         });
         let mut agent = Self {
             child,
             events,
+            logs,
             seen: Vec::new(),
+            log: Vec::new(),
             ready: String::new(),
-            stderr: log,
+            state_dir: PathBuf::new(),
         };
-        match ready_rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(line) => agent.ready = line,
-            Err(_) => bail!(
-                "agent did not become ready; status {:?}; stderr:\n{}",
-                agent.child.try_wait(),
-                agent.stderr_text()
-            ),
-        }
+        agent.ready = agent.wait_log("the readiness line", Duration::from_secs(60), |l| {
+            l.contains("ready:")
+        })?;
         Ok(agent)
     }
 
-    pub fn stderr_text(&self) -> String {
-        self.stderr.lock().map(|l| l.join("\n")).unwrap_or_default()
+    pub fn log_text(&self) -> String {
+        self.log.join("\n")
+    }
+
+    /// Waits up to `timeout` for a log line matching `pred`, keeping every line in `log`.
+    pub fn wait_log(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.logs.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if pred(&line) {
+                        return Ok(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!(
+                        "timed out after {timeout:?} waiting for {what}; log:\n{}",
+                        self.log_text()
+                    )
+                }
+                Err(RecvTimeoutError::Disconnected) => bail!(
+                    "agent exited ({:?}) while waiting for {what}; log:\n{}",
+                    self.child.try_wait(),
+                    self.log_text()
+                ),
+            }
+        }
+    }
+
+    /// Reads every log line available now without waiting.
+    pub fn drain_log(&mut self) -> &[String] {
+        while let Ok(line) = self.logs.try_recv() {
+            self.log.push(line);
+        }
+        &self.log
+    }
+
+    /// The agent's published state (`run` only).
+    pub fn status(&self) -> Result<Value> {
+        let out = Command::new(agent_bin())
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state_dir)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
     }
 
     /// The tier the agent chose for `hook`, from its readiness line (`hook=tier ...`).
     pub fn tier(&self, hook: &str) -> Option<String> {
         let key = format!("{hook}=");
         self.ready
-            .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
+            .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ';')
             .find_map(|w| w.strip_prefix(&key).map(str::to_owned))
     }
 
@@ -257,17 +324,17 @@ impl Agent {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => bail!(
-                    "timed out after {timeout:?} waiting for {what}; events seen:\n{}\nagent stderr:\n{}",
+                    "timed out after {timeout:?} waiting for {what}; events seen:\n{}\nagent log:\n{}",
                     self.seen
                         .iter()
                         .map(Value::to_string)
                         .collect::<Vec<_>>()
                         .join("\n"),
-                    self.stderr_text()
+                    self.drain_log().join("\n")
                 ),
                 Err(RecvTimeoutError::Disconnected) => bail!(
-                    "agent exited while waiting for {what}; stderr:\n{}",
-                    self.stderr_text()
+                    "agent exited while waiting for {what}; log:\n{}",
+                    self.drain_log().join("\n")
                 ),
             }
         }
@@ -278,10 +345,179 @@ impl Drop for Agent {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if !self.state_dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
+        }
     }
 }
 
 /// `true` when `ev` is a port-state event for `port` entering `state`.
 pub fn is_port_state(ev: &Value, port: &str, state: &str) -> bool {
     ev["kind"] == "port_state" && ev["port"] == port && ev["new"] == state
+}
+
+/// A lab as the repair scenarios need it: namespace `host` with bridge `br0` (kernel STP on,
+/// forward delay 2 s), and `n` VM namespaces, each joined by a veth whose bridge end is
+/// `vnetN` and whose guest end is `eth0` at 198.18.0.(N+1)/24.
+pub struct VmLab {
+    pub host: NetNs,
+    pub vms: Vec<NetNs>,
+}
+
+impl VmLab {
+    pub fn new(tag: &str, n: usize) -> Result<Self> {
+        let host = NetNs::new(tag)?;
+        host.stp_bridge("br0")?;
+        let mut vms = Vec::new();
+        for i in 0..n {
+            let vm = NetNs::new(&format!("{tag}vm{i}"))?;
+            host.ip(&format!(
+                "link add vnet{i} type veth peer name eth0 netns {}",
+                vm.name
+            ))?;
+            host.ip(&format!("link set vnet{i} master br0"))?;
+            host.ip(&format!("link set vnet{i} up"))?;
+            vm.ip(&format!("addr add 198.18.0.{}/24 dev eth0", i + 1))?;
+            vm.ip("link set eth0 up")?;
+            vms.push(vm);
+        }
+        Ok(Self { host, vms })
+    }
+
+    /// Why the lab is not healthy (bridge up with carrier, every vnet port enslaved and
+    /// forwarding), or `None` when it is.
+    pub fn unhealthy(&self) -> Result<Option<String>> {
+        let links: Value = serde_json::from_str(&self.host.ip("-j -d link show")?)?;
+        let links = links.as_array().context("ip -j link show: not an array")?;
+        let find = |name: &str| links.iter().find(|l| l["ifname"] == name);
+        let Some(br) = find("br0") else {
+            return Ok(Some("br0 does not exist".into()));
+        };
+        let flags = br["flags"].to_string();
+        if !flags.contains("\"UP\"") || !flags.contains("LOWER_UP") {
+            return Ok(Some(format!("br0 flags {flags}")));
+        }
+        for i in 0..self.vms.len() {
+            let name = format!("vnet{i}");
+            let Some(port) = find(&name) else {
+                return Ok(Some(format!("{name} does not exist")));
+            };
+            if port["master"] != "br0" {
+                return Ok(Some(format!("{name} master is {}", port["master"])));
+            }
+            let state = &port["linkinfo"]["info_slave_data"]["state"];
+            if state != "forwarding" {
+                return Ok(Some(format!("{name} is {state}")));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits until the lab is healthy, re-checking on every link notification in the host
+    /// namespace (`ip monitor`), never on a timer; fails after `timeout`.
+    pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        self.wait_until("healthy", timeout, Self::unhealthy)
+    }
+
+    /// Waits until `problem` finds none, re-checking it on every link notification in the host
+    /// namespace; fails after `timeout` with the last problem found.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        problem: impl Fn(&Self) -> Result<Option<String>>,
+    ) -> Result<()> {
+        let mut monitor = Command::new("ip")
+            .args(["-n", &self.host.name, "monitor", "link"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting ip monitor")?;
+        let stdout = monitor.stdout.take().context("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + timeout;
+        let result = loop {
+            // Checked after the monitor started, so no change can slip between check and wait.
+            let why = match problem(self) {
+                Ok(None) => break Ok(()),
+                Ok(Some(why)) => why,
+                Err(e) => break Err(e),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            if rx.recv_timeout(left).is_err() {
+                break Err(anyhow::anyhow!("lab not {what} after {timeout:?}: {why}"));
+            }
+        };
+        let _ = monitor.kill();
+        let _ = monitor.wait();
+        result
+    }
+
+    /// The bridge's `stp_state` (0 off, 1 kernel, 2 user).
+    pub fn stp_state(&self) -> Result<u64> {
+        let v: Value = serde_json::from_str(&self.host.ip("-j -d link show br0")?)?;
+        v[0]["linkinfo"]["info_data"]["stp_state"]
+            .as_u64()
+            .with_context(|| format!("no stp_state in {v}"))
+    }
+
+    /// Sends a UDP datagram from VM `from` to VM `to` across the bridge and waits (up to 5 s)
+    /// for it to arrive: the guests can really talk.
+    pub fn guests_talk(&self, from: usize, to: usize) -> Result<()> {
+        let (src, dst) = (
+            format!("198.18.0.{}", from + 1),
+            format!("198.18.0.{}", to + 1),
+        );
+        let receiver_ns = self.vms[to].name.clone();
+        let sender_ns = self.vms[from].name.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let dst_bind = dst.clone();
+        let receiver = std::thread::spawn(move || -> Result<String> {
+            enter_netns(&receiver_ns)?;
+            let sock = std::net::UdpSocket::bind(format!("{dst_bind}:7777"))?;
+            sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let _ = ready_tx.send(());
+            let mut buf = [0u8; 64];
+            let (n, peer) = sock.recv_from(&mut buf).context("no datagram arrived")?;
+            Ok(format!(
+                "{} from {peer}",
+                String::from_utf8_lossy(&buf[..n])
+            ))
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .context("receiver did not start")?;
+        let sender = std::thread::spawn(move || -> Result<()> {
+            enter_netns(&sender_ns)?;
+            let sock = std::net::UdpSocket::bind(format!("{src}:0"))?;
+            sock.send_to(b"hello", format!("{dst}:7777"))?;
+            Ok(())
+        });
+        sender
+            .join()
+            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
+        let got = receiver
+            .join()
+            .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+        anyhow::ensure!(got.starts_with("hello"), "unexpected datagram {got}");
+        Ok(())
+    }
+}
+
+/// Moves the calling thread into network namespace `name` (threads have their own).
+fn enter_netns(name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let f = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // SAFETY: a valid namespace fd; affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    Ok(())
 }

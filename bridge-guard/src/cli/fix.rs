@@ -46,13 +46,20 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut failed = 0;
+    let mut applied = Vec::new();
     for action in &plan.actions {
         if args.dry_run {
             println!("would {action}");
             continue;
         }
         match actuator::apply(&nl.handle, action).await {
-            Ok(()) => println!("{action}: done"),
+            Ok(actuator::Applied::Done) => {
+                println!("{action}: done");
+                applied.push(action);
+            }
+            Ok(actuator::Applied::Stale(fresh)) => {
+                println!("{action}: skipped, {} changed meanwhile", fresh.name);
+            }
             Err(e) => {
                 failed += 1;
                 println!("{}", crate::error_chain(&e));
@@ -63,15 +70,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     // Check the result from the kernel, not from the acks.
-    model.reset(netlink::dump(&nl.handle).await.context("checking the result")?, monotonic_ns());
-    let missing: Vec<String> = plan
-        .actions
+    model.reset(
+        netlink::dump(&nl.handle)
+            .await
+            .context("checking the result")?,
+        monotonic_ns(),
+    );
+    let missing: Vec<String> = applied
         .iter()
         .filter(|a| !a.done(&model))
         .map(ToString::to_string)
         .collect();
     if failed > 0 || !missing.is_empty() {
-        bail!("{} repair(s) did not take: {}", failed.max(missing.len()), missing.join("; "));
+        bail!(
+            "{} repair(s) did not take: {}",
+            failed.max(missing.len()),
+            missing.join("; ")
+        );
     }
     Ok(())
 }

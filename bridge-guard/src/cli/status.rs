@@ -22,7 +22,10 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
-        print!("{}", status.render(u64::try_from(now.as_nanos()).unwrap_or(0)));
+        print!(
+            "{}",
+            status.render(u64::try_from(now.as_nanos()).unwrap_or(0))
+        );
     }
     Ok(())
 }

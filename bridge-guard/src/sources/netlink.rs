@@ -12,8 +12,8 @@ use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{
-        InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute,
-        LinkFlags, LinkInfo, LinkLayerType, LinkMessage, LinkProtoInfoBridge, State,
+        InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute, LinkFlags,
+        LinkInfo, LinkLayerType, LinkMessage, LinkProtoInfoBridge, State,
     },
 };
 use netlink_sys::{AsyncSocket as _, SocketAddr};
@@ -365,11 +365,17 @@ mod tests {
         assert_eq!(s.stp, Some(StpMode::Kernel));
         assert!(!s.admin_up && !s.oper_up);
 
-        let nic = snapshot(&link(2, vec![LinkAttribute::IfName("eth0".into())], LinkFlags::Up));
+        let nic = snapshot(&link(
+            2,
+            vec![LinkAttribute::IfName("eth0".into())],
+            LinkFlags::Up,
+        ));
         assert_eq!(nic.kind, LinkKind::Physical);
         let vx = snapshot(&link(
             3,
-            vec![LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Vxlan)])],
+            vec![LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                InfoKind::Vxlan,
+            )])],
             LinkFlags::Up,
         ));
         assert!(matches!(vx.kind, LinkKind::Tunnel(_)));
@@ -381,9 +387,10 @@ mod tests {
             9,
             vec![
                 LinkAttribute::Controller(7),
-                LinkAttribute::ProtoInfoBridge(vec![LinkProtoInfoBridge::Other(
-                    DefaultNla::new(IFLA_BRPORT_STATE, vec![3]),
-                )]),
+                LinkAttribute::ProtoInfoBridge(vec![LinkProtoInfoBridge::Other(DefaultNla::new(
+                    IFLA_BRPORT_STATE,
+                    vec![3],
+                ))]),
             ],
             LinkFlags::Up,
         );
