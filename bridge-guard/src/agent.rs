@@ -7,16 +7,18 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
 use tokio::time::Instant;
 
 use crate::{
+    accounting::{Accounting, seconds},
     actuator,
     backoff::Backoff,
     event::{Actor, PortState},
-    membership,
+    exposition, membership,
     model::{Ktime, Model, Transition},
     planner::{self, Action, Guard, Refusal},
     sources::{
@@ -40,6 +42,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Try eBPF hooks; without them, netlink alone.
     pub ebpf: bool,
+    /// How often each port's summary is logged (also logged at shutdown).
+    pub summary_every: Duration,
+    /// A node_exporter textfile to keep up to date with the metrics.
+    pub metrics_textfile: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,8 +79,7 @@ pub struct Agent {
     refusals: Vec<Refusal>,
     logged_refusals: BTreeSet<Refusal>,
     repairs: BTreeMap<String, u64>,
-    /// Completed not-forwarding episodes per port: the last one's length.
-    last_outage: BTreeMap<String, u64>,
+    accounting: Arc<Mutex<Accounting>>,
     dirty: bool,
 }
 
@@ -118,9 +123,30 @@ impl Agent {
             refusals: Vec::new(),
             logged_refusals: BTreeSet::new(),
             repairs: BTreeMap::new(),
-            last_outage: BTreeMap::new(),
+            accounting: Arc::new(Mutex::new(Accounting::default())),
             dirty: true,
         })
+        .inspect(|agent| {
+            let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
+                p.hooks
+                    .iter()
+                    .map(|h| (h.hook.to_owned(), h.tier.to_string()))
+                    .collect()
+            });
+            agent.acc().hooks = hooks;
+        })
+    }
+
+    /// The accounting, shared with the metrics server.
+    pub fn accounting(&self) -> Arc<Mutex<Accounting>> {
+        Arc::clone(&self.accounting)
+    }
+
+    fn acc(&self) -> MutexGuard<'_, Accounting> {
+        // A panic while holding the lock leaves plain counters behind: still usable.
+        self.accounting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// `hook=tier ...`, or `netlink only`.
@@ -149,6 +175,10 @@ impl Agent {
             Instant::now() + self.cfg.reconcile_every,
             self.cfg.reconcile_every,
         );
+        let mut summary = tokio::time::interval_at(
+            Instant::now() + self.cfg.summary_every,
+            self.cfg.summary_every,
+        );
         let mut batch = Vec::new();
         loop {
             let now = monotonic_ns();
@@ -176,18 +206,23 @@ impl Agent {
                             self.resync().await?;
                         }
                         ev => {
+                            *self.acc().events.entry("netlink").or_default() += 1;
                             let t = self.model.apply_netlink(ev, monotonic_ns());
                             self.log_transitions(&t);
                         }
                     }
                 }
                 _ = tick.tick() => self.resync().await?,
+                _ = summary.tick() => self.log_summary(),
                 () = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
                 } => {}
+            }
+            if !batch.is_empty() {
+                *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
             }
             for ev in batch.drain(..) {
                 match ev {
@@ -208,24 +243,88 @@ impl Agent {
                 tracing::warn!(lost, "eBPF events lost because the ring buffer was full");
             }
         }
+        self.log_summary();
+        self.dirty = true;
+        self.publish();
         Ok(())
+    }
+
+    /// One line per guarded port: time in each state, episodes, repairs.
+    pub fn log_summary(&self) {
+        let now = monotonic_ns();
+        let acc = self.acc();
+        for (port, p) in &acc.ports {
+            let secs = |s: PortState| format!("{:.3}", seconds(p.ns_in(s, now)));
+            tracing::info!(
+                port = %port,
+                bridge = %p.bridge,
+                state = p.state.as_str(),
+                forwarding_s = %secs(PortState::Forwarding),
+                listening_s = %secs(PortState::Listening),
+                learning_s = %secs(PortState::Learning),
+                blocking_s = %secs(PortState::Blocking),
+                disabled_s = %secs(PortState::Disabled),
+                detached_s = %secs(PortState::Detached),
+                outages = p.outages.count,
+                longest_outage_ms = p.longest_outage_ns / 1_000_000,
+                last_outage_ms = p.last_episode.as_ref().map(|e| e.duration_ns(now) / 1_000_000),
+                repairs = p.repairs,
+                "summary"
+            );
+        }
+    }
+
+    /// Why a transition happened, for logs: the STP timer, one of our repairs, or someone else.
+    fn cause(&self, t: &Transition) -> &'static str {
+        let ours = std::process::id();
+        match &t.actor {
+            Some(Actor::StpTimer) => "stp_timer",
+            Some(Actor::Task { pid, .. }) if *pid == ours => "repair",
+            _ if self.pending.values().any(|p| match &p.action {
+                Action::Forward { port, .. } => *port == t.port && t.to == PortState::Forwarding,
+                Action::Enslave { port, .. } => *port == t.port,
+                Action::BridgeUp { bridge, .. } | Action::StpOff { bridge, .. } => {
+                    *bridge == t.bridge
+                }
+            }) =>
+            {
+                "repair"
+            }
+            Some(Actor::Task { .. }) => "external",
+            None => "unknown",
+        }
     }
 
     fn log_transitions(&mut self, transitions: &[Transition]) {
         for t in transitions {
             self.dirty = true;
-            if let Some(outage) = t.outage_ns {
-                self.last_outage.insert(t.port.clone(), outage);
-            }
+            let listening_ns = {
+                let mut acc = self.acc();
+                acc.on_transition(t);
+                // Listening time of the episode this transition belongs to (ended or not).
+                acc.ports
+                    .get(&t.port)
+                    .map_or(0, |p| match (&p.episode, &p.last_episode) {
+                        (Some(_), _) => p.episode_listening_ns(t.at),
+                        (None, Some(ep)) if ep.end == Some(t.at) => ep
+                            .per_state_ns
+                            .get(&PortState::Listening)
+                            .copied()
+                            .unwrap_or(0),
+                        _ => 0,
+                    })
+            };
             tracing::info!(
                 bridge = %t.bridge,
                 port = %t.port,
                 from = t.from.map_or("none", PortState::as_str),
                 to = t.to.as_str(),
+                listening_ms = listening_ns / 1_000_000,
                 in_from_ms = t.in_from_ns.map(|n| n / 1_000_000),
                 outage_ms = t.outage_ns.map(|n| n / 1_000_000),
-                clock = ?t.clock,
+                cause = self.cause(t),
                 actor = %actor_text(t.actor.as_ref()),
+                clock = ?t.clock,
                 "port state"
             );
         }
@@ -260,6 +359,22 @@ impl Agent {
     async fn reconcile(&mut self) {
         let now = monotonic_ns();
         self.confirm(now);
+        {
+            let mut acc = self
+                .accounting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for g in &self.cfg.guards {
+                let br = self.model.bridge(&g.bridge);
+                acc.on_bridge(
+                    &g.bridge,
+                    br.is_some(),
+                    br.is_some_and(|b| b.carrier),
+                    br.and_then(|b| b.stp),
+                    now,
+                );
+            }
+        }
         let plan = planner::plan(&self.model, &self.cfg.guards);
         for r in &plan.refusals {
             if self.logged_refusals.insert(r.clone()) {
@@ -299,6 +414,14 @@ impl Agent {
                     self.log_transitions(&t);
                 }
                 Ok(actuator::Applied::Done) => {
+                    let acked = monotonic_ns();
+                    self.acc().on_repair(
+                        action.bridge(),
+                        action.port(),
+                        action.kind(),
+                        true,
+                        acked.saturating_sub(now),
+                    );
                     *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
                     self.dirty = true;
                     let delay = self.backoff.record(&key, issued);
@@ -318,6 +441,8 @@ impl Agent {
                     );
                 }
                 Err(e) => {
+                    self.acc()
+                        .on_repair(action.bridge(), action.port(), action.kind(), false, 0);
                     self.backoff.record(&key, issued);
                     tracing::error!("repair failed: {}: {fault}", crate::error_chain(&e));
                 }
@@ -391,13 +516,35 @@ impl Agent {
                         .model
                         .tracks()
                         .filter(|(_, t)| t.bridge == g.bridge)
-                        .map(|(name, t)| status::PortStatus {
-                            name: name.clone(),
-                            state: t.state.to_string(),
-                            since_unix_ns: unix(t.since),
-                            clock: format!("{:?}", t.clock).to_lowercase(),
-                            actor: t.actor.as_ref().map(ToString::to_string),
-                            last_outage_ns: self.last_outage.get(name).copied(),
+                        .map(|(name, t)| {
+                            let acc = self.acc();
+                            let account = acc.ports.get(name);
+                            let now = monotonic_ns();
+                            status::PortStatus {
+                                name: name.clone(),
+                                state: t.state.to_string(),
+                                since_unix_ns: unix(t.since),
+                                clock: format!("{:?}", t.clock).to_lowercase(),
+                                actor: t.actor.as_ref().map(ToString::to_string),
+                                last_outage_ns: account
+                                    .and_then(|a| a.last_episode.as_ref())
+                                    .map(|e| e.duration_ns(now)),
+                                last_episode: account.and_then(|a| a.last_episode.as_ref()).map(
+                                    |e| {
+                                        e.per_state_ns
+                                            .iter()
+                                            .map(|(s, ns)| (s.to_string(), *ns))
+                                            .collect()
+                                    },
+                                ),
+                                time_in_ns: account.map_or_else(Default::default, |a| {
+                                    PortState::ALL
+                                        .iter()
+                                        .map(|s| (s.to_string(), a.ns_in(*s, now)))
+                                        .filter(|(_, ns)| *ns > 0)
+                                        .collect()
+                                }),
+                            }
                         })
                         .collect(),
                 }
@@ -418,6 +565,14 @@ impl Agent {
             return;
         }
         self.dirty = false;
+        if let Some(ev) = &self.events {
+            self.acc().ringbuf_lost = ev.lost();
+        }
+        if let Some(path) = &self.cfg.metrics_textfile {
+            if let Err(e) = exposition::write_textfile(path, &self.acc()) {
+                tracing::warn!("cannot write the metrics textfile {}: {e}", path.display());
+            }
+        }
         if let Err(e) = self.status().write(&self.cfg.state_dir) {
             tracing::warn!("{}", crate::error_chain(&e));
         }

@@ -23,6 +23,15 @@ pub enum PortState {
 }
 
 impl PortState {
+    pub const ALL: [Self; 6] = [
+        Self::Disabled,
+        Self::Listening,
+        Self::Learning,
+        Self::Forwarding,
+        Self::Blocking,
+        Self::Detached,
+    ];
+
     /// Decodes a kernel `BR_STATE_*` value; `None` for unknown values.
     pub fn from_kernel(raw: u8) -> Option<Self> {
         match raw {

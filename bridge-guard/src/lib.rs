@@ -4,11 +4,13 @@
 //! Data flow: `sources` (eBPF ring buffer, netlink) decode kernel changes into `event`s; the CLI
 //! subcommands in `cli` wire them together.
 
+pub mod accounting;
 pub mod actuator;
 pub mod agent;
 pub mod backoff;
 pub mod cli;
 pub mod event;
+pub mod exposition;
 pub mod membership;
 pub mod model;
 pub mod planner;

@@ -91,6 +91,14 @@ impl Action {
         }
     }
 
+    /// The port a repair is about, if any.
+    pub fn port(&self) -> Option<&str> {
+        match self {
+            Self::Enslave { port, .. } | Self::Forward { port, .. } => Some(port),
+            Self::BridgeUp { .. } | Self::StpOff { .. } => None,
+        }
+    }
+
     pub fn bridge(&self) -> &str {
         match self {
             Self::BridgeUp { bridge, .. }

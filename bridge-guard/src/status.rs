@@ -40,6 +40,12 @@ pub struct PortStatus {
     pub actor: Option<String>,
     /// Duration of the last completed episode of not forwarding, in nanoseconds.
     pub last_outage_ns: Option<u64>,
+    /// Time in each state during that episode, in nanoseconds.
+    #[serde(default)]
+    pub last_episode: Option<std::collections::BTreeMap<String, u64>>,
+    /// Time in each state since the agent started, in nanoseconds.
+    #[serde(default)]
+    pub time_in_ns: std::collections::BTreeMap<String, u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +205,8 @@ mod tests {
                     clock: "kernel".into(),
                     actor: Some("ip[42]".into()),
                     last_outage_ns: Some(850_000),
+                    last_episode: Some([("listening".to_owned(), 850_000)].into()),
+                    time_in_ns: [("forwarding".to_owned(), 2_500_000_000)].into(),
                 }],
             }],
         };
@@ -218,6 +226,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("850 µs"), "{text}");
+        assert!(text.contains("last outage: listening 850 µs"), "{text}");
         std::fs::remove_dir_all(&dir).expect("cleanup");
         assert!(matches!(
             Status::read(&dir),

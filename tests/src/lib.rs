@@ -511,6 +511,29 @@ impl VmLab {
     }
 }
 
+/// `GET path` from `addr` (`host:port`) inside namespace `ns`; the response body.
+pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read as _, Write as _};
+    let (name, addr, path) = (ns.name.clone(), addr.to_owned(), path.to_owned());
+    std::thread::spawn(move || -> Result<String> {
+        enter_netns(&name)?;
+        let mut s =
+            std::net::TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp)?;
+        let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP header end")?;
+        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "HTTP error: {head}");
+        Ok(body.to_owned())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("http thread panicked"))?
+}
+
 /// Moves the calling thread into network namespace `name` (threads have their own).
 fn enter_netns(name: &str) -> Result<()> {
     use std::os::fd::AsRawFd as _;

@@ -70,6 +70,20 @@ fn port_walks_listening_learning_forwarding_and_other_namespaces_stay_out() -> a
             "step took {ns} ns: {a} -> {b}"
         );
     }
+    // watch times each state and reports the episode when the port forwards again.
+    let in_learning = forwarding["in_from_ns"].as_u64().unwrap_or(0);
+    assert_eq!(in_learning, span(&learning, &forwarding), "{forwarding}");
+    let episode = &forwarding["episode"];
+    let outage = episode["duration_ns"].as_u64().unwrap_or(0);
+    assert!(
+        (3_800_000_000..=5_000_000_000).contains(&outage),
+        "episode {episode}"
+    );
+    assert_eq!(
+        episode["per_state_ns"]["listening"].as_u64(),
+        Some(span(&listening, &learning)),
+        "{episode}"
+    );
     // The timer drives listening -> learning -> forwarding.
     assert_eq!(forwarding["actor"]["type"], "stp_timer", "{forwarding}");
 

@@ -26,6 +26,10 @@ pub struct Cli {
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     log_level: String,
+    /// How diagnostics are written: text on stderr, one JSON object per line on stderr, or
+    /// straight to the systemd journal (native protocol, with structured fields).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,22 +58,59 @@ enum Command {
     Doctor(doctor::Args),
 }
 
-fn init_logging(level: &str) {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+    Journald,
+}
+
+fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
+    use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .map_err(|e| anyhow::anyhow!("--log-level {level}: {e}"))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_target(false),
+            )
+            .init(),
+        LogFormat::Json => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr)
+                    .with_target(false),
+            )
+            .init(),
+        LogFormat::Journald => {
+            let layer = tracing_journald::layer().map_err(|e| {
+                anyhow::anyhow!(
+                    "--log-format journald: cannot reach the journal ({e}); is systemd-journald \
+                     running? Use --log-format text to log to stderr"
+                )
+            })?;
+            registry
+                .with(layer.with_syslog_identifier("bridge-guard".into()))
+                .init();
+        }
+    }
+    Ok(())
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    if let Err(e) = init_logging(&cli.log_level, cli.log_format) {
+        eprintln!("bridge-guard: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

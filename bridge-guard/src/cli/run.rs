@@ -1,12 +1,15 @@
 //! `bridge-guard run`: guard bridges until stopped.
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use super::guard_args::{PolicyArgs, bridge_name};
-use crate::agent::{Agent, Config};
+use crate::{
+    agent::{Agent, Config},
+    exposition,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -31,10 +34,26 @@ pub struct Args {
     /// Once hooks are attached and the first reconcile is done, write the hook summary here.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on PORT (127.0.0.1) or ADDRESS:PORT, e.g. `--metrics 9558`.
+    /// Off unless given; it is unauthenticated, so keep it on loopback unless you mean it.
+    #[arg(long, value_name = "ADDR", value_parser = exposition::parse_addr)]
+    metrics: Option<SocketAddr>,
+    /// Also keep the metrics in this file, for node_exporter's textfile collector
+    /// (e.g. /var/lib/node_exporter/textfile/bridge-guard.prom).
+    #[arg(long, value_name = "PATH")]
+    metrics_textfile: Option<PathBuf>,
+    /// Seconds between per-port summary log lines (also logged at shutdown).
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    summary_interval: u64,
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let guards = args.policy.guards(&args.bridges)?;
+    // Bound first: a bad address is a start-up error, before anything is attached.
+    let listener = match args.metrics {
+        Some(addr) => Some(exposition::bind(addr).await?),
+        None => None,
+    };
     let mut agent = Agent::start(Config {
         guards,
         observe: args.observe,
@@ -42,7 +61,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         libvirt_dir: args.policy.libvirt_dir.clone(),
         state_dir: args.state_dir.clone(),
         ebpf: !args.no_ebpf,
+        summary_every: Duration::from_secs(args.summary_interval),
+        metrics_textfile: args.metrics_textfile.clone(),
     })?;
+    let metrics = match listener {
+        Some(l) => {
+            let addr = l.local_addr()?;
+            tokio::spawn(exposition::serve(l, agent.accounting()));
+            format!("; metrics on http://{addr}/metrics")
+        }
+        None => String::new(),
+    };
     agent.resync().await.context("first reconcile")?;
     agent.publish();
     let summary = agent.hooks_summary();
@@ -51,7 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("writing the ready file {}", path.display()))?;
     }
     eprintln!(
-        "bridge-guard: ready: guarding {} ({summary}{})",
+        "bridge-guard: ready: guarding {} ({summary}{}{metrics})",
         args.bridges.join(", "),
         if args.observe { "; observe-only" } else { "" }
     );

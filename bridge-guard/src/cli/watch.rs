@@ -6,8 +6,11 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    event::KernelEvent,
+    accounting::Accounting,
+    event::{Change, KernelEvent, PortState},
+    model::{Clock, Transition},
     sources::ebpf::{Options, Probes},
+    status::format_duration,
     sys::{clock, netns},
 };
 
@@ -25,9 +28,79 @@ pub struct Args {
     ready_file: Option<PathBuf>,
 }
 
-fn json_line(ev: &KernelEvent) -> anyhow::Result<String> {
+/// How long a port was in its previous state, and the episode a return to forwarding ends.
+#[derive(Default)]
+struct Timing {
+    in_from_ns: Option<u64>,
+    episode: Option<crate::accounting::Episode>,
+}
+
+/// Feeds port-state events into accounting (kernel clock) to time each state and episode.
+fn time_event(acc: &mut Accounting, ev: &KernelEvent) -> Timing {
+    let Change::PortState {
+        new: Some(new),
+        old,
+    } = ev.change
+    else {
+        return Timing::default();
+    };
+    let key = format!("{}/{}", ev.netns, ev.port);
+    let known = acc.ports.get(&key).map(|p| (p.state, p.since));
+    acc.on_transition(&Transition {
+        bridge: ev.bridge.clone(),
+        port: key.clone(),
+        from: known.map(|(s, _)| s).or(old),
+        to: new,
+        at: ev.ktime_ns,
+        clock: Clock::Kernel,
+        in_from_ns: None,
+        outage_ns: None,
+        actor: Some(ev.actor.clone()),
+    });
+    let port = acc.ports.get(&key);
+    Timing {
+        in_from_ns: known.map(|(_, since)| ev.ktime_ns.saturating_sub(since)),
+        episode: port
+            .and_then(|p| p.last_episode.clone())
+            .filter(|e| new == PortState::Forwarding && e.end == Some(ev.ktime_ns)),
+    }
+}
+
+fn text_suffix(t: &Timing) -> String {
+    let mut out = String::new();
+    if let Some(ns) = t.in_from_ns {
+        out.push_str(&format!(" after {}", format_duration(ns)));
+    }
+    if let Some(ep) = &t.episode {
+        let parts: Vec<String> = ep
+            .per_state_ns
+            .iter()
+            .map(|(s, ns)| format!("{s} {}", format_duration(*ns)))
+            .collect();
+        out.push_str(&format!(
+            "; not forwarding for {} ({})",
+            format_duration(ep.duration_ns(0)),
+            parts.join(", ")
+        ));
+    }
+    out
+}
+
+fn json_line(ev: &KernelEvent, timing: &Timing) -> anyhow::Result<String> {
     let mut value = serde_json::to_value(ev)?;
     if let Some(obj) = value.as_object_mut() {
+        if let Some(ns) = timing.in_from_ns {
+            obj.insert("in_from_ns".into(), ns.into());
+        }
+        if let Some(ep) = &timing.episode {
+            obj.insert(
+                "episode".into(),
+                serde_json::json!({
+                    "duration_ns": ep.duration_ns(0),
+                    "per_state_ns": ep.per_state_ns,
+                }),
+            );
+        }
         let wall = clock::wall_time(ev.ktime_ns)
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
@@ -67,6 +140,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut batch = Vec::new();
+    let mut acc = Accounting::default();
     let stdout = std::io::stdout();
     loop {
         tokio::select! {
@@ -76,14 +150,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         let mut out = stdout.lock();
         for ev in batch.drain(..) {
+            let Ok(ev) = ev.inspect_err(|e| tracing::warn!("undecodable event: {e}")) else {
+                continue;
+            };
+            let timing = time_event(&mut acc, &ev);
             match ev {
-                Ok(ev) if args.json => writeln!(out, "{}", json_line(&ev)?)?,
-                Ok(ev) => writeln!(
+                ev if args.json => writeln!(out, "{}", json_line(&ev, &timing)?)?,
+                ev => writeln!(
                     out,
-                    "{} {ev}",
-                    clock::format_time_of_day(clock::wall_time(ev.ktime_ns))
+                    "{} {ev}{}",
+                    clock::format_time_of_day(clock::wall_time(ev.ktime_ns)),
+                    text_suffix(&timing)
                 )?,
-                Err(e) => tracing::warn!("undecodable event: {e}"),
             }
         }
         out.flush()?;
