@@ -86,9 +86,11 @@ fn text_suffix(t: &Timing) -> String {
     out
 }
 
-fn json_line(ev: &KernelEvent, timing: &Timing) -> anyhow::Result<String> {
+fn json_line(ev: &KernelEvent, timing: &Timing, received_ns: u64) -> anyhow::Result<String> {
     let mut value = serde_json::to_value(ev)?;
     if let Some(obj) = value.as_object_mut() {
+        // CLOCK_MONOTONIC when the batch was read: with ktime_ns, the kernel-to-userspace delay.
+        obj.insert("received_ktime_ns".into(), received_ns.into());
         if let Some(ns) = timing.in_from_ns {
             obj.insert("in_from_ns".into(), ns.into());
         }
@@ -148,6 +150,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
+        let received_ns = clock::monotonic_ns();
         let mut out = stdout.lock();
         for ev in batch.drain(..) {
             let Ok(ev) = ev.inspect_err(|e| tracing::warn!("undecodable event: {e}")) else {
@@ -155,7 +158,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             };
             let timing = time_event(&mut acc, &ev);
             match ev {
-                ev if args.json => writeln!(out, "{}", json_line(&ev, &timing)?)?,
+                ev if args.json => writeln!(out, "{}", json_line(&ev, &timing, received_ns)?)?,
                 ev => writeln!(
                     out,
                     "{} {ev}{}",
