@@ -26,7 +26,10 @@ use crate::{
         netlink::{self, Netlink, NetlinkError, NetlinkEvent},
     },
     status::{self, Status},
-    sys::clock::{monotonic_ns, wall_time},
+    sys::{
+        clock::{monotonic_ns, wall_time},
+        notify::Notifier,
+    },
 };
 
 /// How long a repair may go unconfirmed before it may be issued again.
@@ -46,6 +49,8 @@ pub struct Config {
     pub summary_every: Duration,
     /// A node_exporter textfile to keep up to date with the metrics.
     pub metrics_textfile: Option<PathBuf>,
+    /// systemd's watchdog: pinged from the event loop, so a stuck loop gets the agent restarted.
+    pub watchdog: Option<(Arc<Notifier>, Duration)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,7 +115,16 @@ impl Agent {
                 ),
             }
         }
-        let model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
+        let mut model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
+        // A restarted agent must not forget a tap detached while it was down: the previous
+        // run's published ports are members until the kernel says otherwise.
+        if let Ok(previous) = Status::read(&cfg.state_dir) {
+            for b in &previous.bridges {
+                for p in &b.ports {
+                    model.remember(&b.name, &p.name);
+                }
+            }
+        }
         Ok(Self {
             cfg,
             model,
@@ -179,6 +193,11 @@ impl Agent {
             Instant::now() + self.cfg.summary_every,
             self.cfg.summary_every,
         );
+        let mut watchdog = self
+            .cfg
+            .watchdog
+            .as_ref()
+            .map(|(n, every)| (Arc::clone(n), tokio::time::interval(*every)));
         let mut batch = Vec::new();
         loop {
             let now = monotonic_ns();
@@ -214,6 +233,19 @@ impl Agent {
                 }
                 _ = tick.tick() => self.resync().await?,
                 _ = summary.tick() => self.log_summary(),
+                () = async {
+                    match watchdog.as_mut() {
+                        Some((_, every)) => drop(every.tick().await),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((n, _)) = &watchdog {
+                        if let Err(e) = n.watchdog() {
+                            tracing::warn!("cannot ping systemd's watchdog: {e}");
+                        }
+                    }
+                    continue;
+                }
                 () = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,

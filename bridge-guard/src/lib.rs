@@ -9,6 +9,7 @@ pub mod actuator;
 pub mod agent;
 pub mod backoff;
 pub mod cli;
+pub mod config;
 pub mod event;
 pub mod exposition;
 pub mod membership;

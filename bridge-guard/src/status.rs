@@ -159,6 +159,13 @@ impl Status {
                     p.last_outage_ns
                         .map_or_else(|| "-".to_owned(), format_duration)
                 );
+                if let Some(ep) = &p.last_episode {
+                    let parts: Vec<String> = ep
+                        .iter()
+                        .map(|(s, ns)| format!("{s} {}", format_duration(*ns)))
+                        .collect();
+                    let _ = writeln!(out, "  {:<16} last outage: {}", "", parts.join(", "));
+                }
             }
         }
         out

@@ -182,20 +182,49 @@ impl Agent {
     /// Starts `bridge-guard run --state-dir <private dir> ARGS` in `ns` and waits until it is
     /// ready: hooks attached and the first reconcile done.
     pub fn run(ns: &NetNs, args: &[&str]) -> Result<Self> {
+        Self::run_with(ns, &[], args, &[])
+    }
+
+    /// [`Agent::run`] with a wrapper command and environment. The state directory is the same
+    /// for every agent run in `ns`, as for a restarted service.
+    pub fn run_with(
+        ns: &NetNs,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-state", ns.name));
         let dir_arg = dir.to_string_lossy().into_owned();
         let mut all = vec!["run", "--state-dir", dir_arg.as_str()];
         all.extend_from_slice(args);
-        let mut agent = Self::spawn(ns, &all)?;
+        let mut agent = Self::spawn_with(ns, wrapper, &all, env)?;
         agent.state_dir = dir;
         Ok(agent)
     }
 
     /// Starts the agent with `args` in `ns` and waits (up to 60 s) for its readiness line.
     pub fn spawn(ns: &NetNs, args: &[&str]) -> Result<Self> {
-        let mut child = ns
-            .command(agent_bin())
+        Self::spawn_with(ns, &[], args, &[])
+    }
+
+    /// Like [`Agent::spawn`], with a wrapper command (e.g. `setpriv ...`) and environment.
+    pub fn spawn_with(
+        ns: &NetNs,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = ns.command(program);
+                c.args(rest).arg(agent_bin());
+                c
+            }
+            None => ns.command(agent_bin()),
+        };
+        let mut child = cmd
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -238,6 +267,23 @@ impl Agent {
             l.contains("ready:")
         })?;
         Ok(agent)
+    }
+
+    /// Sends SIGTERM and waits for the agent to exit; its exit status.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: signalling our own child, which has not been waited for yet.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        self.drain_log();
+        Ok(status)
+    }
+
+    /// Kills the agent at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {

@@ -49,6 +49,14 @@ enum Task {
     },
 }
 
+/// Where cargo puts build output: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
+pub(crate) fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir), // a relative value is relative to the workspace
+        None => workspace_root().join("target"),
+    }
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -86,8 +94,7 @@ fn build(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(workspace_root()
-        .join("target")
+    Ok(target_dir()
         .join(if release { "release" } else { "debug" })
         .join("bridge-guard"))
 }
@@ -120,6 +127,7 @@ fn main() -> Result<()> {
                      programs. Run `sudo -E cargo xtask test`"
                 );
             }
+            setup::ensure_test_tools()?;
             let bin = build(false)?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--no-fail-fast"])

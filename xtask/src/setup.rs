@@ -185,3 +185,46 @@ pub fn ensure() -> Result<()> {
     ensure_nightly()?;
     ensure_bpf_linker()
 }
+
+/// Commands the integration tests use, and the Debian package providing each.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("setpriv", "util-linux"),
+    ("systemd-analyze", "systemd"),
+    ("nix-instantiate", "nix-bin"),
+];
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .any(|d| d.join(program).is_file())
+}
+
+/// Installs, with apt, the commands the tests need and this machine lacks.
+pub fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !on_path("apt-get") {
+        bail!(
+            "the tests need these packages, and there is no apt-get to install them: {}",
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing test tools: {}", missing.join(" ")));
+    crate::run(Command::new("apt-get").arg("update").arg("-q"))
+        .context("apt-get update failed: check that the Debian archive is reachable")?;
+    crate::run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .with_context(|| format!("installing {} failed", missing.join(" ")))
+}

@@ -4,11 +4,13 @@ use anyhow::{Context as _, bail};
 
 use super::guard_args::{PolicyArgs, bridge_name};
 use crate::{
-    actuator, membership,
+    actuator,
+    config::Settings,
+    membership,
     model::Model,
     planner,
     sources::netlink::{self, Netlink},
-    sys::clock::monotonic_ns,
+    sys::{caps::Caps, clock::monotonic_ns},
 };
 
 #[derive(Debug, clap::Args)]
@@ -20,11 +22,18 @@ pub struct Args {
     #[arg(long)]
     dry_run: bool,
     #[command(flatten)]
-    policy: PolicyArgs,
+    pub policy: PolicyArgs,
 }
 
-pub async fn run(args: Args) -> anyhow::Result<()> {
-    let guards = args.policy.guards(std::slice::from_ref(&args.bridge))?;
+pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
+    if !args.dry_run && !Caps::current().is_ok_and(|c| c.has(12)) {
+        bail!(
+            "repairing needs CAP_NET_ADMIN, which this process lacks: run it as root (or use --dry-run)"
+        );
+    }
+    let guards = args
+        .policy
+        .guards(std::slice::from_ref(&args.bridge), &settings)?;
     let nl = Netlink::open()?;
     let mut model = Model::new([args.bridge.clone()]);
     model.reset(nl.dump().await?, monotonic_ns());
@@ -34,7 +43,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             args.bridge
         );
     }
-    for (bridge, port) in membership::libvirt_ports(&args.policy.libvirt_dir) {
+    for (bridge, port) in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
         model.remember(&bridge, &port);
     }
     let plan = planner::plan(&model, &guards);

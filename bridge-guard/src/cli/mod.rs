@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand. This is the edge where library errors become
 //! messages for people (anyhow).
 
+mod check_config;
 mod doctor;
 mod fix;
 mod guard_args;
@@ -11,6 +12,8 @@ mod watch;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+
+use crate::config::{self, LogFormat, Settings};
 
 /// Keeps Linux bridges that carry VM traffic forwarding, and accounts for every outage.
 ///
@@ -23,13 +26,15 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "bridge-guard", version, propagate_version = true)]
 pub struct Cli {
-    /// Log level for diagnostics on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    log_level: String,
+    /// Log level for diagnostics (error, warn, info, debug, trace) [default: info, or the
+    /// configuration's log_level]; RUST_LOG overrides.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
     /// How diagnostics are written: text on stderr, one JSON object per line on stderr, or
-    /// straight to the systemd journal (native protocol, with structured fields).
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
+    /// straight to the systemd journal (native protocol, with structured fields)
+    /// [default: text, or the configuration's log_format].
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +50,9 @@ enum Command {
     ///
     /// Example: `bridge-guard fix virbr0 --port-pattern 'vnet*'`.
     Fix(fix::Args),
+    /// Check a configuration file without running anything: every error with file:line:column
+    /// and a hint; exits 1 if there is any.
+    CheckConfig(check_config::Args),
     /// Show what the running agent knows: each guarded bridge and port, its state and since
     /// when, STP, carrier, repairs and refusals.
     Status(status::Args),
@@ -56,13 +64,6 @@ enum Command {
     /// Report what this kernel allows: BTF, offsets, capabilities, and the hook tier chosen for
     /// each observation, with the reason better tiers failed. Always exits 0.
     Doctor(doctor::Args),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-    Journald,
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
@@ -107,7 +108,30 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.log_level, cli.log_format) {
+    // The configuration can say how to log, so it is read before logging starts.
+    let config_path = match &cli.command {
+        Command::Run(a) => Some(a.policy.config_path()),
+        Command::Fix(a) => Some(a.policy.config_path()),
+        _ => None,
+    };
+    let settings = match config_path.map(|(path, explicit)| config::load(&path, explicit)) {
+        None => Settings::default(),
+        Some(Ok(s)) => s,
+        Some(Err(e)) => {
+            eprintln!("bridge-guard: error: {}", crate::error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    let level = cli
+        .log_level
+        .clone()
+        .or_else(|| settings.log_level.clone())
+        .unwrap_or_else(|| "info".into());
+    let format = cli
+        .log_format
+        .or(settings.log_format)
+        .unwrap_or(LogFormat::Text);
+    if let Err(e) = init_logging(&level, format) {
         eprintln!("bridge-guard: error: {e:#}");
         return ExitCode::FAILURE;
     }
@@ -123,8 +147,9 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run::run(args).await,
-            Command::Fix(args) => fix::run(args).await,
+            Command::Run(args) => run::run(args, settings).await,
+            Command::Fix(args) => fix::run(args, settings).await,
+            Command::CheckConfig(args) => check_config::run(&args),
             Command::Status(args) => status::run(&args),
             Command::Watch(args) => watch::run(args).await,
             Command::Doctor(args) => doctor::run(&args),

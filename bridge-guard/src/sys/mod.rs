@@ -4,3 +4,4 @@ pub mod caps;
 pub mod clock;
 pub mod kallsyms;
 pub mod netns;
+pub mod notify;
