@@ -85,6 +85,8 @@ pub struct Agent {
     logged_refusals: BTreeSet<Refusal>,
     repairs: BTreeMap<String, u64>,
     accounting: Arc<Mutex<Accounting>>,
+    /// Ring-buffer losses already resynced for.
+    lost_seen: u64,
     dirty: bool,
 }
 
@@ -138,6 +140,7 @@ impl Agent {
             logged_refusals: BTreeSet::new(),
             repairs: BTreeMap::new(),
             accounting: Arc::new(Mutex::new(Accounting::default())),
+            lost_seen: 0,
             dirty: true,
         })
         .inspect(|agent| {
@@ -255,6 +258,17 @@ impl Agent {
             }
             if !batch.is_empty() {
                 *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
+                // Events the kernel could not queue mean the model may have missed a change.
+                let lost = self.events.as_ref().map_or(0, EventStream::lost);
+                if lost > self.lost_seen {
+                    tracing::warn!(
+                        lost = lost - self.lost_seen,
+                        "eBPF events were lost (ring buffer full): resyncing from a dump"
+                    );
+                    self.lost_seen = lost;
+                    self.acc().ringbuf_lost = lost;
+                    self.resync().await?;
+                }
             }
             for ev in batch.drain(..) {
                 match ev {
