@@ -367,10 +367,11 @@ fn transition(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{event::Hook, sources::netlink::LinkKind};
 
+    /// A healthy, up link; on `master`, forwarding.
     pub(crate) fn link(
         ifindex: u32,
         name: &str,

@@ -330,23 +330,10 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{model::Model, sources::netlink::NetlinkEvent};
-
-    fn link(ifindex: u32, name: &str, kind: LinkKind, master: Option<u32>) -> LinkSnapshot {
-        LinkSnapshot {
-            ifindex,
-            name: name.into(),
-            kind,
-            master,
-            admin_up: true,
-            carrier: true,
-            oper_up: true,
-            lower: None,
-            switchdev: false,
-            port_state: master.map(|_| PortState::Forwarding),
-            stp: None,
-        }
-    }
+    use crate::{
+        model::{Model, tests::link},
+        sources::netlink::NetlinkEvent,
+    };
 
     fn bridge(ifindex: u32, name: &str, stp: StpMode) -> LinkSnapshot {
         let mut b = link(ifindex, name, LinkKind::Bridge, None);
