@@ -23,7 +23,7 @@ use crate::{
     planner::{self, Action, Guard, Refusal},
     sources::{
         ebpf::{self, Probes, ring::EventStream},
-        netlink::{self, Netlink, NetlinkError, NetlinkEvent},
+        netlink::{self, LinkKind, Netlink, NetlinkError, NetlinkEvent},
     },
     status::{self, Status},
     sys::{
@@ -229,6 +229,9 @@ impl Agent {
                         }
                         ev => {
                             *self.acc().events.entry("netlink").or_default() += 1;
+                            if matches!(&ev, NetlinkEvent::Link(l) if l.kind == LinkKind::Bridge) {
+                                self.retry_probes();
+                            }
                             let t = self.model.apply_netlink(ev, monotonic_ns());
                             self.log_transitions(&t);
                         }
@@ -317,6 +320,35 @@ impl Agent {
                 repairs = p.repairs,
                 "summary"
             );
+        }
+    }
+
+    /// A bridge appeared: if that loaded the bridge module, better hooks may attach now.
+    fn retry_probes(&mut self) {
+        let Some(probes) = self.probes.as_mut() else {
+            return;
+        };
+        match probes.retry_after_bridge_module() {
+            Ok(None) => {}
+            Ok(Some(changed)) => {
+                let hooks: Vec<(String, String)> = probes
+                    .hooks
+                    .iter()
+                    .map(|h| (h.hook.to_owned(), h.tier.to_string()))
+                    .collect();
+                let summary = probes.summary();
+                self.acc().hooks = hooks;
+                self.dirty = true;
+                if changed.is_empty() {
+                    tracing::info!("bridge module loaded; no better hook attaches ({summary})");
+                } else {
+                    tracing::info!("bridge module loaded: {} ({summary})", changed.join(", "));
+                }
+            }
+            Err(e) => tracing::warn!(
+                "re-attaching hooks after the bridge module loaded: {}",
+                crate::error_chain(&e)
+            ),
         }
     }
 

@@ -144,6 +144,12 @@ pub const HOOKS: &[HookSpec] = &[
     },
 ];
 
+/// The tracepoint-tier programs that only serve that tier (the others stay as timer context).
+pub const TIMER_ONLY_TIER: &[Prog] = &[
+    Prog::TpBtf("timer_start", "timer_start"),
+    Prog::TpBtf("timer_cancel", "timer_cancel"),
+];
+
 /// The timer-context programs, attached beside a better port-state tier so that state changes
 /// made by the STP timer are attributed to it rather than to an interrupted task.
 pub const TIMER_CONTEXT: &[Prog] = &[
@@ -255,6 +261,13 @@ fn unload(ebpf: &mut Ebpf, prog: Prog) {
         Prog::KProbe(..) => <&mut KProbe>::try_from(program).and_then(KProbe::unload),
         Prog::TpBtf(..) => <&mut BtfTracePoint>::try_from(program).and_then(BtfTracePoint::unload),
     };
+}
+
+/// Unloads (and so detaches) every program in `progs`.
+pub fn unload_all(ebpf: &mut Ebpf, progs: &[Prog]) {
+    for &p in progs {
+        unload(ebpf, p);
+    }
 }
 
 /// Loads and attaches every program of a tier, or none of them.

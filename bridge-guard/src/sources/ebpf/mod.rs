@@ -118,6 +118,62 @@ pub struct Probes {
     /// Outcome of attaching the timer-context programs beside a better port-state tier.
     pub timer_context: Option<hooks::Outcome>,
     pub facts: KernelFacts,
+    opts: Options,
+    /// Whether the bridge's functions were in the kernel when the hooks were chosen.
+    bridge_code_at_start: bool,
+}
+
+/// Whether the bridge's code is in the kernel (built in, or its module loaded).
+fn bridge_code_present(kallsyms: &std::path::Path) -> bool {
+    kallsyms::lookup(kallsyms, "br_set_state")
+        .ok()
+        .flatten()
+        .is_some()
+}
+
+fn tier_of(hooks: &[HookReport], hook: &str) -> Tier {
+    hooks
+        .iter()
+        .find(|h| h.hook == hook)
+        .map_or(Tier::None, |h| h.tier)
+}
+
+/// Attaches the timer-context programs beside a fentry/kprobe port-state tier, and tells the
+/// timer programs whether they are the port-state tier themselves.
+fn arm_port_state(
+    ebpf: &mut Ebpf,
+    btf: Option<&Btf>,
+    port_tier: Tier,
+) -> Result<Option<hooks::Outcome>, EbpfError> {
+    let timer_context = matches!(port_tier, Tier::Fentry | Tier::Kprobe).then(|| {
+        let r = hooks::try_tier(ebpf, btf, hooks::TIMER_CONTEXT);
+        match &r {
+            Ok(()) => tracing::info!(
+                "timer context: tracepoint (state changes by the STP timer are attributed to it)"
+            ),
+            Err(e) => tracing::warn!(
+                "timer context: none ({e}); timer-driven changes show the interrupted task"
+            ),
+        }
+        r
+    });
+    let map_err = |source| EbpfError::Map {
+        name: "SETTINGS",
+        source,
+    };
+    let mut settings_map: Array<_, u32> = Array::try_from(
+        ebpf.map_mut("SETTINGS")
+            .ok_or(EbpfError::MissingMap("SETTINGS"))?,
+    )
+    .map_err(map_err)?;
+    settings_map
+        .set(
+            settings::TIMER_TIER,
+            u32::from(port_tier == Tier::Tracepoint),
+            0,
+        )
+        .map_err(map_err)?;
+    Ok(timer_context)
 }
 
 /// Loads the programs with this kernel's offsets, without attaching any.
@@ -171,50 +227,71 @@ impl Probes {
             Ok(())
         };
         let hooks = hooks::select(&mut ebpf, btf, timer_ok);
-        let port_tier = hooks
-            .iter()
-            .find(|h| h.hook == "port-state")
-            .map_or(Tier::None, |h| h.tier);
-        let timer_context = matches!(port_tier, Tier::Fentry | Tier::Kprobe).then(|| {
-            let r = hooks::try_tier(&mut ebpf, btf, hooks::TIMER_CONTEXT);
-            match &r {
-                Ok(()) => tracing::info!("timer context: tracepoint (state changes by the STP timer are attributed to it)"),
-                Err(e) => tracing::warn!("timer context: none ({e}); timer-driven changes show the interrupted task"),
-            }
-            r
-        });
-        let mut settings_map: Array<_, u32> = Array::try_from(
-            ebpf.map_mut("SETTINGS")
-                .ok_or(EbpfError::MissingMap("SETTINGS"))?,
-        )
-        .map_err(|source| EbpfError::Map {
-            name: "SETTINGS",
-            source,
-        })?;
-        settings_map
-            .set(
-                settings::TIMER_TIER,
-                u32::from(port_tier == Tier::Tracepoint),
-                0,
-            )
-            .map_err(|source| EbpfError::Map {
-                name: "SETTINGS",
-                source,
-            })?;
+        let port_tier = tier_of(&hooks, "port-state");
+        let timer_context = arm_port_state(&mut ebpf, btf, port_tier)?;
+        let bridge_code_at_start = bridge_code_present(&opts.kallsyms);
         Ok(Self {
             ebpf,
             hooks,
             timer_context,
             facts,
+            opts: opts.clone(),
+            bridge_code_at_start,
         })
+    }
+
+    /// Where bridge is a module loaded after start, the fentry/kprobe tiers that failed for
+    /// lack of its functions can now attach: retries them once, when `br_set_state` has
+    /// appeared in kallsyms. Returns what changed (`hook now tier`), if it retried.
+    pub fn retry_after_bridge_module(&mut self) -> Result<Option<Vec<String>>, EbpfError> {
+        if self.bridge_code_at_start || !bridge_code_present(&self.opts.kallsyms) {
+            return Ok(None);
+        }
+        self.bridge_code_at_start = true;
+        let btf = Btf::parse_file(
+            self.opts.btf_dir.join("vmlinux"),
+            aya::Endianness::default(),
+        )
+        .ok();
+        let mut changed = Vec::new();
+        for (spec, report) in hooks::HOOKS.iter().zip(self.hooks.iter_mut()) {
+            let was = report.tier;
+            // Better tiers only, and not the tracepoint tier: its globals were set at load.
+            for &(tier, progs) in spec
+                .tiers
+                .iter()
+                .take_while(|(t, _)| *t != was && *t != Tier::Tracepoint)
+            {
+                match hooks::try_tier(&mut self.ebpf, btf.as_ref(), progs) {
+                    Ok(()) => {
+                        if was == Tier::Tracepoint {
+                            hooks::unload_all(&mut self.ebpf, hooks::TIMER_ONLY_TIER);
+                        }
+                        report.tier = tier;
+                        report.failures.retain(|f| f.tier != tier);
+                        changed.push(format!("{} now {tier}", spec.name));
+                        break;
+                    }
+                    Err(reason) => {
+                        if let Some(f) = report.failures.iter_mut().find(|f| f.tier == tier) {
+                            f.reason = reason;
+                        }
+                    }
+                }
+            }
+        }
+        if changed.iter().any(|c| c.starts_with("port-state")) {
+            self.timer_context = {
+                let tier = self.tier("port-state");
+                arm_port_state(&mut self.ebpf, btf.as_ref(), tier)?
+            };
+        }
+        Ok(Some(changed))
     }
 
     /// The tier chosen for `hook`.
     pub fn tier(&self, hook: &str) -> Tier {
-        self.hooks
-            .iter()
-            .find(|h| h.hook == hook)
-            .map_or(Tier::None, |h| h.tier)
+        tier_of(&self.hooks, hook)
     }
 
     /// `hook=tier ...`, for readiness lines and sd_notify STATUS.
