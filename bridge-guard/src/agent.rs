@@ -176,6 +176,10 @@ impl Agent {
     /// Rebuilds the model from a dump (and libvirt's XML), then repairs.
     pub async fn resync(&mut self) -> Result<(), AgentError> {
         let links = self.netlink.dump().await?;
+        match netlink::mrp_bridges(&self.netlink.handle).await {
+            Ok(mrp) => self.model.set_mrp(mrp),
+            Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
+        }
         let transitions = self.model.reset(links, monotonic_ns());
         for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
             self.model.remember(&bridge, &port);

@@ -68,6 +68,8 @@ pub struct Model {
     moved: BTreeSet<(String, String, String)>,
     /// Who last changed STP on a bridge, where eBPF knows.
     pub stp_actor: BTreeMap<String, Actor>,
+    /// Bridges MRP runs on (ifindex), as of the last dump.
+    mrp: BTreeSet<u32>,
 }
 
 impl Model {
@@ -211,6 +213,15 @@ impl Model {
             Change::PortState { new: None, .. } => {}
         }
         self.refresh(ev.ktime_ns, Clock::Kernel, Some(&ev.actor))
+    }
+
+    /// Records which bridges MRP runs on (from a dump).
+    pub fn set_mrp(&mut self, bridges: impl IntoIterator<Item = u32>) {
+        self.mrp = bridges.into_iter().collect();
+    }
+
+    pub fn mrp(&self, bridge_ifindex: u32) -> bool {
+        self.mrp.contains(&bridge_ifindex)
     }
 
     /// The STP mode of a bridge, by name.

@@ -229,6 +229,12 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     if br.stp == Some(StpMode::User) {
         hazards.push("user-space STP (mstpd) runs it".to_owned());
     }
+    if model.mrp(br.ifindex) {
+        hazards.push("MRP runs it (it drives port states itself)".to_owned());
+    }
+    if br.switchdev {
+        hazards.push(format!("{name} is offloaded to a switch (switchdev)"));
+    }
     if !hazards.is_empty() && !policy.allow_unsafe {
         refuse(
             plan,
@@ -515,8 +521,15 @@ mod tests {
             guards[0].policy.allow_unsafe = true;
             assert_eq!(plan(&m, &guards).actions.len(), 2, "override repairs");
         }
-        let m = model(vec![bridge(7, "br0", StpMode::User), port]);
+        let m = model(vec![bridge(7, "br0", StpMode::User), port.clone()]);
         assert!(plan(&m, &guard("br0")).refusals[0].reason.contains("mstpd"));
+        let mut m = model(vec![bridge(7, "br0", StpMode::Kernel), port]);
+        m.set_mrp([7]);
+        let p = plan(&m, &guard("br0"));
+        assert!(
+            p.actions.is_empty() && p.refusals[0].reason.contains("MRP runs it"),
+            "{p:?}"
+        );
     }
 
     #[test]

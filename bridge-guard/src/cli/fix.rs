@@ -37,6 +37,9 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     let nl = Netlink::open()?;
     let mut model = Model::new([args.bridge.clone()]);
     model.reset(nl.dump().await?, monotonic_ns());
+    if let Ok(mrp) = netlink::mrp_bridges(&nl.handle).await {
+        model.set_mrp(mrp);
+    }
     if model.bridge(&args.bridge).is_none() {
         bail!(
             "there is no bridge named {} in this network namespace (see `ip -br link show type bridge`)",

@@ -12,8 +12,9 @@ use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{
-        InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute, LinkFlags,
-        LinkInfo, LinkLayerType, LinkMessage, LinkProtoInfoBridge, State,
+        AfSpecBridge, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute,
+        LinkExtentMask, LinkFlags, LinkInfo, LinkLayerType, LinkMessage, LinkProtoInfoBridge,
+        State,
     },
 };
 use netlink_sys::{AsyncSocket as _, SocketAddr};
@@ -291,6 +292,33 @@ pub async fn dump(handle: &Handle) -> Result<Vec<LinkSnapshot>, NetlinkError> {
         .map_err(NetlinkError::Dump)
 }
 
+/// `IFLA_BRIDGE_MRP`, inside an AF_BRIDGE message's `IFLA_AF_SPEC`.
+const IFLA_BRIDGE_MRP: u16 = 4;
+
+/// Whether an AF_BRIDGE message (dumped with the MRP filter) says MRP runs on this bridge.
+pub fn has_mrp(msg: &LinkMessage) -> bool {
+    use netlink_packet_core::Nla as _;
+    msg.attributes.iter().any(|a| match a {
+        LinkAttribute::AfSpecBridge(specs) => specs
+            .iter()
+            .any(|s| matches!(s, AfSpecBridge::Other(nla) if nla.kind() == IFLA_BRIDGE_MRP)),
+        _ => false,
+    })
+}
+
+/// The bridges MRP (media redundancy, IEC 62439-2) runs on: it drives port states itself.
+pub async fn mrp_bridges(handle: &Handle) -> Result<Vec<u32>, NetlinkError> {
+    handle
+        .link()
+        .get()
+        .set_filter_mask(AddressFamily::Bridge, vec![LinkExtentMask::Mrp])
+        .execute()
+        .try_filter_map(|m| async move { Ok(has_mrp(&m).then_some(m.header.index)) })
+        .try_collect()
+        .await
+        .map_err(NetlinkError::Dump)
+}
+
 /// The next notification the model needs; `None` when the connection closed.
 pub async fn next_event(
     notifications: &mut UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
@@ -379,6 +407,18 @@ mod tests {
             LinkFlags::Up,
         ));
         assert!(matches!(vx.kind, LinkKind::Tunnel(_)));
+    }
+
+    #[test]
+    fn finds_mrp_in_af_spec() {
+        let mut msg = link(7, vec![], LinkFlags::Up);
+        msg.header.interface_family = AddressFamily::Bridge;
+        assert!(!has_mrp(&msg));
+        msg.attributes
+            .push(LinkAttribute::AfSpecBridge(vec![AfSpecBridge::Other(
+                DefaultNla::new(IFLA_BRIDGE_MRP, vec![0; 8]),
+            )]));
+        assert!(has_mrp(&msg));
     }
 
     #[test]
