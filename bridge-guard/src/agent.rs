@@ -32,6 +32,9 @@ use crate::{
     },
 };
 
+/// How long published state may lag the model: coalesces bursts of changes into one write.
+const PUBLISH_DELAY: Duration = Duration::from_millis(5);
+
 /// How long a repair may go unconfirmed before it may be issued again.
 const CONFIRM_TIMEOUT_NS: u64 = 1_000_000_000;
 
@@ -206,6 +209,7 @@ impl Agent {
             .as_ref()
             .map(|(n, every)| (Arc::clone(n), tokio::time::interval(*every)));
         let mut batch = Vec::new();
+        let mut publish_at: Option<Instant> = None;
         loop {
             let now = monotonic_ns();
             let wake = self
@@ -232,16 +236,34 @@ impl Agent {
                             self.resync().await?;
                         }
                         ev => {
-                            *self.acc().events.entry("netlink").or_default() += 1;
-                            if matches!(&ev, NetlinkEvent::Link(l) if l.kind == LinkKind::Bridge) {
-                                self.retry_probes();
+                            self.apply_netlink(ev);
+                            // Plan on the kernel's latest word: everything already queued
+                            // (a bridge deletion is a burst: each port detached, then the
+                            // bridge gone) is applied before any repair is chosen.
+                            while let Ok(Some((msg, _))) = self.netlink.notifications.try_next() {
+                                match netlink::decode(&msg) {
+                                    Some(NetlinkEvent::Overrun) => {
+                                        tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
+                                        self.resync().await?;
+                                    }
+                                    Some(ev) => self.apply_netlink(ev),
+                                    None => {}
+                                }
                             }
-                            let t = self.model.apply_netlink(ev, monotonic_ns());
-                            self.log_transitions(&t);
                         }
                     }
                 }
                 _ = tick.tick() => self.resync().await?,
+                () = async {
+                    match publish_at {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    publish_at = None;
+                    self.publish();
+                    continue;
+                }
                 _ = summary.tick() => self.log_summary(),
                 () = async {
                     match watchdog.as_mut() {
@@ -288,7 +310,11 @@ impl Agent {
                 }
             }
             self.reconcile().await;
-            self.publish();
+            // Publishing (state file, textfile) waits a little and coalesces: it must never
+            // sit between a fault's notifications and their repair.
+            if self.dirty && publish_at.is_none() {
+                publish_at = Some(Instant::now() + PUBLISH_DELAY);
+            }
         }
         if let Some(ev) = &self.events {
             let lost = ev.lost();
@@ -325,6 +351,15 @@ impl Agent {
                 "summary"
             );
         }
+    }
+
+    fn apply_netlink(&mut self, ev: NetlinkEvent) {
+        *self.acc().events.entry("netlink").or_default() += 1;
+        if matches!(&ev, NetlinkEvent::Link(l) if l.kind == LinkKind::Bridge) {
+            self.retry_probes();
+        }
+        let t = self.model.apply_netlink(ev, monotonic_ns());
+        self.log_transitions(&t);
     }
 
     /// A bridge appeared: if that loaded the bridge module, better hooks may attach now.

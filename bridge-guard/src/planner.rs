@@ -71,13 +71,32 @@ pub enum Action {
 }
 
 impl Action {
-    /// Stable identity for backoff and confirmation: the same repair of the same thing.
+    /// Stable identity for backoff and confirmation: the same repair of the same devices. The
+    /// ifindexes are part of it: a bridge recreated under the same name is another device, and
+    /// what happened to its predecessor (failures, backoff) must not hold back its repair.
     pub fn key(&self) -> String {
         match self {
-            Self::BridgeUp { bridge, .. } => format!("up:{bridge}"),
-            Self::StpOff { bridge, .. } => format!("stp-off:{bridge}"),
-            Self::Enslave { bridge, port, .. } => format!("enslave:{bridge}:{port}"),
-            Self::Forward { bridge, port, .. } => format!("forward:{bridge}:{port}"),
+            Self::BridgeUp {
+                bridge,
+                bridge_ifindex,
+            } => format!("up:{bridge}@{bridge_ifindex}"),
+            Self::StpOff {
+                bridge,
+                bridge_ifindex,
+            } => format!("stp-off:{bridge}@{bridge_ifindex}"),
+            Self::Enslave {
+                bridge,
+                bridge_ifindex,
+                port,
+                port_ifindex,
+            } => {
+                format!("enslave:{bridge}@{bridge_ifindex}:{port}@{port_ifindex}")
+            }
+            Self::Forward {
+                bridge,
+                port,
+                port_ifindex,
+            } => format!("forward:{bridge}:{port}@{port_ifindex}"),
         }
     }
 

@@ -344,6 +344,63 @@ impl Agent {
         Ok(serde_json::from_slice(&out.stdout)?)
     }
 
+    /// Waits until the agent's published state satisfies `pred`: re-read each time the state
+    /// file is replaced (inotify on the state directory), so no polling and no sleeping.
+    pub fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+        // SAFETY: plain syscalls; the fd is owned right away.
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+        anyhow::ensure!(
+            fd >= 0,
+            "inotify_init1: {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let dir = std::ffi::CString::new(self.state_dir.as_os_str().as_encoded_bytes())?;
+        // SAFETY: valid fd and NUL-terminated path.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                fd.as_raw_fd(),
+                dir.as_ptr(),
+                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
+            )
+        };
+        anyhow::ensure!(
+            wd >= 0,
+            "inotify_add_watch: {}",
+            std::io::Error::last_os_error()
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Checked after the watch exists, so no update can slip between check and wait.
+            let status = self.status()?;
+            if pred(&status) {
+                return Ok(status);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            anyhow::ensure!(
+                !left.is_zero(),
+                "agent state never showed {what}; last:\n{status:#}"
+            );
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+            let mut buf = [0u8; 4096];
+            // SAFETY: drain pending events into a local buffer (non-blocking fd).
+            while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+        }
+    }
+
     /// The tier the agent chose for `hook`, from its readiness line (`hook=tier ...`).
     pub fn tier(&self, hook: &str) -> Option<String> {
         let key = format!("{hook}=");

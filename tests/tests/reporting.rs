@@ -186,8 +186,10 @@ fn observe_only_accounts_listening_and_learning_in_logs_and_metrics() -> anyhow:
         1.0
     );
 
-    // status shows the episode too.
-    let status = agent.status()?;
+    // status shows the episode too (published a moment after the change).
+    let status = agent.wait_status("vnet0's last episode", WAIT, |s| {
+        !s["bridges"][0]["ports"][0]["last_episode"].is_null()
+    })?;
     let p = &status["bridges"][0]["ports"][0];
     assert_eq!(p["name"], "vnet0", "{status:#}");
     near(
