@@ -240,7 +240,7 @@ impl Agent {
                             // Plan on the kernel's latest word: everything already queued
                             // (a bridge deletion is a burst: each port detached, then the
                             // bridge gone) is applied before any repair is chosen.
-                            while let Ok(Some((msg, _))) = self.netlink.notifications.try_next() {
+                            while let Ok((msg, _)) = self.netlink.notifications.try_recv() {
                                 match netlink::decode(&msg) {
                                     Some(NetlinkEvent::Overrun) => {
                                         tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
