@@ -90,6 +90,8 @@ pub struct Agent {
     accounting: Arc<Mutex<Accounting>>,
     /// Ring-buffer losses already resynced for.
     lost_seen: u64,
+    /// Transitions seen but not yet accounted and logged, with their cause.
+    unlogged: Vec<(Transition, &'static str)>,
     dirty: bool,
 }
 
@@ -144,6 +146,7 @@ impl Agent {
             repairs: BTreeMap::new(),
             accounting: Arc::new(Mutex::new(Accounting::default())),
             lost_seen: 0,
+            unlogged: Vec::new(),
             dirty: true,
         })
         .inspect(|agent| {
@@ -187,7 +190,7 @@ impl Agent {
         for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
             self.model.remember(&bridge, &port);
         }
-        self.log_transitions(&transitions);
+        self.record_transitions(&transitions);
         self.reconcile().await;
         Ok(())
     }
@@ -304,7 +307,7 @@ impl Agent {
                     Ok(ev) => {
                         tracing::debug!(%ev, "kernel event");
                         let t = self.model.apply_kernel(&ev);
-                        self.log_transitions(&t);
+                        self.record_transitions(&t);
                     }
                     Err(e) => tracing::warn!("undecodable eBPF event: {e}"),
                 }
@@ -322,6 +325,7 @@ impl Agent {
                 tracing::warn!(lost, "eBPF events lost because the ring buffer was full");
             }
         }
+        self.flush_transitions();
         self.log_summary();
         self.dirty = true;
         self.publish();
@@ -359,7 +363,7 @@ impl Agent {
             self.retry_probes();
         }
         let t = self.model.apply_netlink(ev, monotonic_ns());
-        self.log_transitions(&t);
+        self.record_transitions(&t);
     }
 
     /// A bridge appeared: if that loaded the bridge module, better hooks may attach now.
@@ -399,7 +403,9 @@ impl Agent {
             Some(Actor::Task { pid, .. }) if *pid == ours => "repair",
             _ if self.pending.values().any(|p| match &p.action {
                 Action::Forward { port, .. } => *port == t.port && t.to == PortState::Forwarding,
-                Action::Enslave { port, .. } => *port == t.port,
+                Action::Enslave { port, .. } => {
+                    *port == t.port && t.from == Some(PortState::Detached)
+                }
                 Action::BridgeUp { bridge, .. } | Action::StpOff { bridge, .. } => {
                     *bridge == t.bridge
                 }
@@ -412,8 +418,19 @@ impl Agent {
         }
     }
 
-    fn log_transitions(&mut self, transitions: &[Transition]) {
+    /// Notes transitions for accounting and logging, which happen after the repairs they call
+    /// for are sent (`flush_transitions`); the cause is decided now, against the repairs that
+    /// were pending when the change arrived.
+    fn record_transitions(&mut self, transitions: &[Transition]) {
         for t in transitions {
+            let cause = self.cause(t);
+            self.unlogged.push((t.clone(), cause));
+        }
+    }
+
+    fn flush_transitions(&mut self) {
+        for (t, cause) in std::mem::take(&mut self.unlogged) {
+            let t = &t;
             self.dirty = true;
             let listening_ns = {
                 let mut acc = self.acc();
@@ -439,7 +456,7 @@ impl Agent {
                 listening_ms = listening_ns / 1_000_000,
                 in_from_ms = t.in_from_ns.map(|n| n / 1_000_000),
                 outage_ms = t.outage_ns.map(|n| n / 1_000_000),
-                cause = self.cause(t),
+                cause,
                 actor = %actor_text(t.actor.as_ref()),
                 clock = ?t.clock,
                 "port state"
@@ -474,6 +491,11 @@ impl Agent {
 
     /// Plans and applies the repairs the model calls for.
     async fn reconcile(&mut self) {
+        self.repair().await;
+        self.flush_transitions();
+    }
+
+    async fn repair(&mut self) {
         let now = monotonic_ns();
         self.confirm(now);
         {
@@ -528,7 +550,7 @@ impl Agent {
                     let t = self
                         .model
                         .apply_netlink(NetlinkEvent::Link(fresh), monotonic_ns());
-                    self.log_transitions(&t);
+                    self.record_transitions(&t);
                 }
                 Ok(actuator::Applied::Done) => {
                     let acked = monotonic_ns();

@@ -20,8 +20,9 @@ fn port_walks_listening_learning_forwarding_and_other_namespaces_stay_out() -> a
     other.stp_bridge("br0")?;
 
     let mut agent = Agent::watch(&lab, &[])?;
-    // A second agent in the same namespace that reports every namespace: it proves the other
-    // lab's events really happened, so their absence from `agent` means filtering.
+    // An agent in the other namespace proves its events really happen, so their absence from
+    // `agent` means filtering; one reporting every namespace must see them too.
+    let mut theirs = Agent::watch(&other, &[])?;
     let mut all = Agent::watch(&lab, &["--all-netns"])?;
     let tier = agent
         .tier("port-state")
@@ -87,9 +88,13 @@ fn port_walks_listening_learning_forwarding_and_other_namespaces_stay_out() -> a
     // The timer drives listening -> learning -> forwarding.
     assert_eq!(forwarding["actor"]["type"], "stp_timer", "{forwarding}");
 
-    // The other lab's port went through the same states, in the unfiltered agent only.
-    all.wait_for("the other namespace's port forwarding", STP_WALK, |e| {
+    // The other lab's port went through the same states, seen by its own agent and by the
+    // unfiltered one.
+    theirs.wait_for("the other namespace's port forwarding", STP_WALK, |e| {
         e["netns"] == other_ino && is_port_state(e, "vnet9", "forwarding")
+    })?;
+    all.wait_for("the other namespace's port, unfiltered", STP_WALK, |e| {
+        e["netns"] == other_ino && e["port"] == "vnet9"
     })?;
     // Barrier: an event in the lab after the other lab's last one. The ring buffer is FIFO, so
     // any event from the other namespace would have reached `agent` before this one.
