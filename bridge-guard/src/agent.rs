@@ -95,6 +95,15 @@ pub struct Agent {
     dirty: bool,
 }
 
+/// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
+/// timer-driven ones).
+fn complete_port_states(probes: &Probes) -> bool {
+    matches!(
+        probes.tier("port-state"),
+        ebpf::hooks::Tier::Fentry | ebpf::hooks::Tier::Kprobe
+    )
+}
+
 fn actor_text(a: Option<&Actor>) -> String {
     a.map_or_else(|| "unknown".to_owned(), ToString::to_string)
 }
@@ -123,6 +132,7 @@ impl Agent {
             }
         }
         let mut model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
+        model.trust_kernel_port_states(probes.as_ref().is_some_and(complete_port_states));
         // A restarted agent must not forget a tap detached while it was down: the previous
         // run's published ports are members until the kernel says otherwise.
         if let Ok(previous) = Status::read(&cfg.state_dir) {
@@ -380,6 +390,8 @@ impl Agent {
                     .map(|h| (h.hook.to_owned(), h.tier.to_string()))
                     .collect();
                 let summary = probes.summary();
+                let complete = complete_port_states(probes);
+                self.model.trust_kernel_port_states(complete);
                 self.acc().hooks = hooks;
                 self.dirty = true;
                 if changed.is_empty() {

@@ -70,6 +70,12 @@ pub struct Model {
     pub stp_actor: BTreeMap<String, Actor>,
     /// Bridges MRP runs on (ifindex), as of the last dump.
     mrp: BTreeSet<u32>,
+    /// Whether eBPF reports every port-state change (fentry/kprobe on br_set_state). Then a
+    /// port state in a netlink notification is older news: the message was built before the
+    /// hook's events were read, and must not undo them.
+    kernel_port_states: bool,
+    /// Kernel port states of links not known yet (the event beat the link's notification).
+    early_states: BTreeMap<u32, PortState>,
 }
 
 impl Model {
@@ -147,12 +153,20 @@ impl Model {
     /// Replaces every link with a fresh dump.
     pub fn reset(&mut self, links: Vec<LinkSnapshot>, now: Ktime) -> Vec<Transition> {
         self.links = links.into_iter().map(|l| (l.ifindex, l)).collect();
+        self.early_states.clear();
         self.refresh(now, Clock::Netlink, None)
     }
 
     pub fn apply_netlink(&mut self, ev: NetlinkEvent, now: Ktime) -> Vec<Transition> {
         match ev {
-            NetlinkEvent::Link(snap) => {
+            NetlinkEvent::Link(mut snap) => {
+                if self.kernel_port_states {
+                    let kernel = match self.links.get(&snap.ifindex) {
+                        Some(old) => old.port_state,
+                        None => self.early_states.remove(&snap.ifindex),
+                    };
+                    snap.port_state = snap.master.and(kernel.or(snap.port_state));
+                }
                 self.links.insert(snap.ifindex, snap);
             }
             NetlinkEvent::Removed { ifindex, name } => {
@@ -170,7 +184,9 @@ impl Model {
                 state,
             } => {
                 if let Some(l) = self.links.get_mut(&ifindex) {
-                    l.port_state = Some(state);
+                    if !self.kernel_port_states {
+                        l.port_state = Some(state);
+                    }
                     if master.is_some() {
                         l.master = master;
                     }
@@ -186,11 +202,12 @@ impl Model {
         match ev.change {
             Change::PortState {
                 new: Some(state), ..
-            } => {
-                if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
-                    l.port_state = Some(state);
+            } => match self.links.get_mut(&ev.port_ifindex) {
+                Some(l) => l.port_state = Some(state),
+                None => {
+                    self.early_states.insert(ev.port_ifindex, state);
                 }
-            }
+            },
             Change::Join => {
                 if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
                     l.master = Some(ev.bridge_ifindex);
@@ -213,6 +230,11 @@ impl Model {
             Change::PortState { new: None, .. } => {}
         }
         self.refresh(ev.ktime_ns, Clock::Kernel, Some(&ev.actor))
+    }
+
+    /// Says whether eBPF reports every port-state change (see `kernel_port_states`).
+    pub fn trust_kernel_port_states(&mut self, complete: bool) {
+        self.kernel_port_states = complete;
     }
 
     /// Records which bridges MRP runs on (from a dump).
@@ -475,6 +497,68 @@ pub(crate) mod tests {
             m.moved().cloned().collect::<Vec<_>>(),
             [("br0".to_owned(), "vnet0".to_owned(), "br1".to_owned())]
         );
+    }
+
+    fn kernel_state(port_ifindex: u32, state: PortState, at: Ktime) -> KernelEvent {
+        KernelEvent {
+            ktime_ns: at,
+            netns: 1,
+            bridge: "br0".into(),
+            bridge_ifindex: 7,
+            port: "vnet0".into(),
+            port_ifindex,
+            change: Change::PortState {
+                old: None,
+                new: Some(state),
+            },
+            actor: Actor::StpTimer,
+            hook: Hook::Kretprobe,
+        }
+    }
+
+    #[test]
+    fn with_complete_kernel_hooks_late_netlink_port_states_do_not_undo_them() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.trust_kernel_port_states(true);
+        m.reset(lab(), 0);
+        m.apply_kernel(&kernel_state(9, PortState::Blocking, 10));
+        let t = m.apply_kernel(&kernel_state(9, PortState::Listening, 11));
+        assert_eq!(t[0].to, PortState::Listening);
+        // Notifications built when the port was still blocking arrive now.
+        let mut stale = link(9, "vnet0", LinkKind::Veth, Some(7));
+        stale.port_state = Some(PortState::Blocking);
+        assert!(m.apply_netlink(NetlinkEvent::Link(stale), 20).is_empty());
+        let ev = NetlinkEvent::PortState {
+            ifindex: 9,
+            master: Some(7),
+            state: PortState::Blocking,
+        };
+        assert!(m.apply_netlink(ev, 21).is_empty());
+        assert_eq!(
+            m.track("vnet0").map(|t| t.state),
+            Some(PortState::Listening)
+        );
+        // Leaving the bridge is still netlink's to say.
+        let t = m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            30,
+        );
+        assert_eq!(t[0].to, PortState::Detached);
+    }
+
+    #[test]
+    fn a_kernel_state_for_an_unknown_link_waits_for_the_link() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.trust_kernel_port_states(true);
+        m.reset(lab()[..1].to_vec(), 0);
+        assert!(
+            m.apply_kernel(&kernel_state(9, PortState::Listening, 5))
+                .is_empty()
+        );
+        let mut late = link(9, "vnet0", LinkKind::Veth, Some(7));
+        late.port_state = Some(PortState::Disabled);
+        let t = m.apply_netlink(NetlinkEvent::Link(late), 6);
+        assert_eq!(t[0].to, PortState::Listening);
     }
 
     #[test]

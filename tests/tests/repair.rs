@@ -113,10 +113,15 @@ fn a_recreated_bridge_gets_its_ports_back() -> anyhow::Result<()> {
     // Recreated the way a network manager would, with STP on and down, without its taps.
     lab.host
         .ip("link add br0 type bridge stp_state 1 forward_delay 200")?;
-    for i in 0..3 {
-        agent.wait_log("re-attach", HEAL, |l| {
-            l.contains(&format!("repaired: re-attach vnet{i} to br0"))
+    // Each port is re-attached, in whatever order the agent logs them.
+    let mut left: std::collections::BTreeSet<String> = (0..3)
+        .map(|i| format!("repaired: re-attach vnet{i} to br0"))
+        .collect();
+    while !left.is_empty() {
+        let line = agent.wait_log("every re-attach", HEAL, |l| {
+            left.iter().any(|w| l.contains(w.as_str()))
         })?;
+        left.retain(|w| !line.contains(w.as_str()));
     }
     lab.wait_healthy(HEAL)?;
     assert_eq!(stp_state(&lab)?, 0);
