@@ -172,5 +172,65 @@ fn doctor_reports_tiers_and_every_kprobe_program_passes_the_verifier() -> anyhow
         .map(|(k, _)| k.clone())
         .collect();
     assert!(absent.is_empty(), "offsets absent from BTF: {absent:?}");
+    // Where bridge is a module with BTF of its own, it is read too.
+    if std::path::Path::new("/sys/kernel/btf/bridge").exists() {
+        assert!(
+            report["btf"]["sources"]
+                .to_string()
+                .contains("/sys/kernel/btf/bridge"),
+            "{:#}",
+            report["btf"]
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn membership_and_stp_changes_name_the_process_that_made_them() -> anyhow::Result<()> {
+    let test = "membership_and_stp_changes_name_the_process_that_made_them";
+    if skip_unless_root(test) {
+        return Ok(());
+    }
+    let lab = NetNs::new("actor")?;
+    lab.stp_bridge("br0")?;
+    let mut agent = Agent::watch(&lab, &[])?;
+    let join_tier = agent.tier("join").unwrap_or_default();
+    if join_tier == "none" {
+        eprintln!(
+            "SKIP {test}: no join/leave hook attaches on this kernel ({}); `cargo xtask vmtest` covers them",
+            agent.ready
+        );
+        return Ok(());
+    }
+    let by_ip = |ev: &Value| {
+        ev["actor"]["type"] == "task"
+            && ev["actor"]["comm"] == "ip"
+            && ev["actor"]["pid"].as_u64().is_some_and(|p| p > 0)
+    };
+
+    lab.veth_port("br0", "vnet0", "guest0")?;
+    let join = agent.wait_for("vnet0 joining", STP_WALK, |e| {
+        e["kind"] == "join" && e["port"] == "vnet0"
+    })?;
+    assert!(by_ip(&join), "join not attributed to ip: {join}");
+    assert_eq!(join["tier"], join_tier.as_str(), "{join}");
+    assert_eq!(join["bridge"], "br0");
+
+    lab.ip("link set vnet0 nomaster")?;
+    let leave = agent.wait_for("vnet0 leaving", STP_WALK, |e| {
+        e["kind"] == "leave" && e["port"] == "vnet0"
+    })?;
+    assert!(by_ip(&leave), "leave not attributed to ip: {leave}");
+
+    if agent.tier("stp").is_some_and(|t| t != "none") {
+        lab.ip("link set br0 type bridge stp_state 0")?;
+        let stp = agent.wait_for("STP turned off", STP_WALK, |e| e["kind"] == "stp")?;
+        assert_eq!(
+            (stp["old"].as_str(), stp["new"].as_str()),
+            (Some("kernel"), Some("off")),
+            "{stp}"
+        );
+        assert!(by_ip(&stp), "STP change not attributed to ip: {stp}");
+    }
     Ok(())
 }
