@@ -169,6 +169,8 @@ fn main() -> Result<()> {
             if let Some(f) = &filter {
                 cmd.arg(f);
             }
+            // Output of passing tests too: a test that skips says why, and that must show.
+            cmd.args(["--", "--show-output"]);
             // Both layers run even if the first fails: one report of everything that broke.
             let host = run(&mut cmd);
             let vm = if no_vm {

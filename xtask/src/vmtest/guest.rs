@@ -99,7 +99,7 @@ echo $? > "$out/doctor-json.rc"
         let _ = write!(
             s,
             r#"note "test binary {name}"
-timeout -k 10 {TEST_BINARY_SECS} {bin}{filter} > "$out/test-{name}.log" 2>&1
+timeout -k 10 {TEST_BINARY_SECS} {bin}{filter} --show-output > "$out/test-{name}.log" 2>&1
 echo $? > "$out/test-{name}.rc"
 note "{name}: $(grep '^test result' "$out/test-{name}.log" || echo "exit $(cat "$out/test-{name}.rc")")"
 "#,

@@ -53,6 +53,8 @@ pub struct KernelReport {
     /// `(hook, tier)` from `doctor --json`, or why they are unknown.
     pub hooks: Result<Vec<(String, String)>, String>,
     pub tests: Vec<TestResult>,
+    /// `SKIP name: reason` lines the tests printed (visible with --show-output).
+    pub skips: Vec<String>,
 }
 
 impl KernelReport {
@@ -220,7 +222,18 @@ pub fn collect(kernel: Kernel, out: &Path, bins: &[TestBin], boot: &Boot) -> Ker
     } else {
         Vec::new()
     };
+    let skips = bins
+        .iter()
+        .filter_map(|b| read(out, &format!("test-{}.log", b.name)))
+        .flat_map(|log| {
+            log.lines()
+                .filter(|l| l.starts_with("SKIP "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     KernelReport {
+        skips,
         problems: problems(out, boot),
         kernel,
         out: out.to_path_buf(),
@@ -257,6 +270,9 @@ pub fn print_kernel(r: &KernelReport) {
     println!("\n| test | result |\n|---|---|");
     for t in &r.tests {
         println!("| {} | {} |", t.name, t.status.as_str());
+    }
+    for skip in &r.skips {
+        println!("{skip}");
     }
     for t in r.failed() {
         println!(
