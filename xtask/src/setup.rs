@@ -26,7 +26,8 @@ pub fn tools_dir() -> Result<PathBuf> {
     Ok(data.join("bridge-guard"))
 }
 
-fn output(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd` and returns its stdout; its stderr in the error if it fails.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
     let out = cmd
         .output()
         .with_context(|| format!("cannot start {cmd:?}"))?;

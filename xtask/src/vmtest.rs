@@ -22,11 +22,14 @@ mod report;
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+
+// Submodules call `super::output`.
+use crate::setup::output;
 
 use self::{
     guest::{Build, TestBin},
@@ -51,20 +54,6 @@ pub struct Options {
 
 fn step(what: &str) {
     eprintln!("vmtest: {what}");
-}
-
-fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 pub fn run(opts: &Options) -> Result<()> {
