@@ -43,7 +43,7 @@ pub const MONITOR_LOOP: &str = r#"ip monitor link route | while read -r line; do
     echo "fixed after: $line"
 done"#;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contender {
     BridgeGuard,
@@ -149,6 +149,29 @@ fn spawn(
     }
 }
 
+/// `bridge-guard run` as the bench runs it, with its state in `state_dir` and `extra`
+/// arguments (`--agent-arg`) last.
+pub fn run_args(state_dir: &str, extra: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = [
+        "run",
+        "--bridge",
+        "br0",
+        "--port-pattern",
+        "vnet*",
+        "--metrics",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--state-dir",
+        state_dir,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    v.extend_from_slice(extra);
+    v
+}
+
 /// `host:port` from the readiness line's "metrics on http://HOST:PORT/metrics".
 pub fn metrics_addr(ready: &str) -> Option<String> {
     let rest = ready.split("metrics on http://").nth(1)?;
@@ -160,7 +183,7 @@ impl Running {
     pub fn start(
         contender: Contender,
         ns: &NetNs,
-        bin: &Path,
+        (bin, extra): (&Path, &[String]),
         obs: &mut Observer,
         host: &mut Rtnl,
         tmp: &TempDir,
@@ -176,24 +199,9 @@ impl Running {
             Contender::BridgeGuard => {
                 let state = TempDir::on_tmpfs("bgb", &format!("state-{}", ns.name))?;
                 let dir = state.path.to_string_lossy().into_owned();
-                let (proc, ready_line, _) = spawn_agent(
-                    ns,
-                    bin,
-                    &[
-                        "run",
-                        "--bridge",
-                        "br0",
-                        "--port-pattern",
-                        "vnet*",
-                        "--metrics",
-                        "127.0.0.1:0",
-                        "--log-format",
-                        "json",
-                        "--state-dir",
-                        &dir,
-                    ],
-                    obs.sender(),
-                )?;
+                let args = run_args(&dir, extra);
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let (proc, ready_line, _) = spawn_agent(ns, bin, &args, obs.sender())?;
                 Ok(Self {
                     contender,
                     metrics: metrics_addr(&ready_line),

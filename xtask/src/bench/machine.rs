@@ -21,6 +21,116 @@ pub struct Machine {
     pub steal_percent: Option<f64>,
     /// The busiest other processes when the run started (`ps`).
     pub busiest_at_start: Vec<String>,
+    /// Processes outside the bench that used the most CPU during the run: (command, average
+    /// share of one CPU in %), from `/proc` sampled every few seconds.
+    #[serde(default)]
+    pub other_load: Vec<(String, f64)>,
+}
+
+/// Samples `/proc` every few seconds on a thread and adds up the CPU time of every process that
+/// is not the bench or one of its descendants (agent, shell guard, fix scripts, `ip`).
+pub struct LoadSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(String, f64)>>>,
+}
+
+/// (pid, ppid, comm, utime+stime ticks) of every process.
+fn processes() -> Vec<(u32, u32, String, u64)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let open = text.find('(')?;
+            let close = text.rfind(')')?;
+            let comm = text.get(open + 1..close)?.to_owned();
+            let f: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+            let ppid = f.get(1)?.parse().ok()?;
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((pid, ppid, comm, ticks))
+        })
+        .collect()
+}
+
+impl LoadSampler {
+    pub fn start() -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let me = std::process::id();
+            let started = std::time::Instant::now();
+            let mut last: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+            let mut by_comm: std::collections::BTreeMap<String, u64> =
+                std::collections::BTreeMap::new();
+            loop {
+                let procs = processes();
+                let parent: std::collections::HashMap<u32, u32> =
+                    procs.iter().map(|(p, pp, _, _)| (*p, *pp)).collect();
+                let ours = |mut pid: u32| {
+                    for _ in 0..64 {
+                        if pid == me {
+                            return true;
+                        }
+                        match parent.get(&pid) {
+                            Some(&pp) if pp != 0 => pid = pp,
+                            _ => return false,
+                        }
+                    }
+                    false
+                };
+                for (pid, _, comm, ticks) in &procs {
+                    let before = last.insert(*pid, *ticks);
+                    if ours(*pid) {
+                        continue;
+                    }
+                    if let Some(b) = before {
+                        *by_comm.entry(comm.clone()).or_default() += ticks.saturating_sub(b);
+                    }
+                }
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                // The sampling period of this load monitor.
+                for _ in 0..20 {
+                    if flag.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
+            let secs = started.elapsed().as_secs_f64().max(1.0);
+            #[expect(clippy::cast_precision_loss, reason = "percentages")]
+            let tck = super::stats::clk_tck() as f64;
+            let mut v: Vec<(String, f64)> = by_comm
+                .into_iter()
+                .map(|(c, t)| {
+                    #[expect(clippy::cast_precision_loss, reason = "percentages")]
+                    let pct = t as f64 / tck / secs * 100.0;
+                    (c, pct)
+                })
+                .filter(|(_, p)| *p >= 1.0)
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v.truncate(5);
+            v
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; the busiest other commands over the run.
+    pub fn finish(mut self) -> Vec<(String, f64)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
 }
 
 /// (busy, total, steal) jiffies from the first line of /proc/stat.
@@ -126,6 +236,7 @@ pub fn collect(bin: &Path) -> Machine {
         busy_percent: None,
         steal_percent: None,
         busiest_at_start: busiest(),
+        other_load: Vec::new(),
     }
 }
 

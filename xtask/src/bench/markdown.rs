@@ -291,7 +291,44 @@ fn machine_markdown(m: &Machine) -> String {
         m.steal_percent
             .map_or_else(|| "–".to_owned(), |v| format!("{v:.1}%")),
         m.busiest_at_start.join("; ")
-    )
+    ) + &contention(m)
+}
+
+/// A warning when something else was busy: the numbers then include contention for the CPUs.
+fn contention(m: &Machine) -> String {
+    let mut s = String::new();
+    if !m.other_load.is_empty() {
+        let _ = writeln!(
+            s,
+            "| other processes' CPU over the run (average % of one CPU) | {} |",
+            m.other_load
+                .iter()
+                .map(|(c, p)| format!("{c} {p:.0}%"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    let busy: Vec<&str> = m
+        .other_load
+        .iter()
+        .filter(|(_, p)| *p >= 10.0)
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !busy.is_empty() {
+        let _ = writeln!(
+            s,
+            "\n**Shared machine**: {} ran beside the bench. The agent, the shell guard and the \
+             kernel work they cause competed with it for {} CPUs, so the numbers here include \
+             that contention. The bench's own timestamping threads run SCHED_FIFO and are not \
+             delayed by it.",
+            busy.iter()
+                .map(|c| format!("`{c}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            m.nproc
+        );
+    }
+    s
 }
 
 /// The whole document (docs/benchmarks.md).
@@ -339,7 +376,7 @@ pub fn document(r: &Report, svg_name: Option<&str>) -> String {
          fight. The agent's state directory is on tmpfs, as `/run` is on the hosts it guards.\n\
          - **Contenders**, one after the other on the same lab: bridge-guard (`bridge-guard run \
          --bridge br0 --port-pattern 'vnet*' --metrics 127.0.0.1:0 --log-format json \
-         --state-dir DIR`, ready on its `ready:` line); the shell guard below (`ip monitor link \
+         --state-dir DIR{}`, ready on its `ready:` line); the shell guard below (`ip monitor link \
          route` into a `while read` loop running the fix script on every line); no guard.\n\
          - **Percentiles** are nearest-rank: with 20 trials, p99 is the maximum.\n",
         r.settings
@@ -358,6 +395,10 @@ pub fn document(r: &Report, svg_name: Option<&str>) -> String {
             .join(", "),
         r.settings.quiet_ms,
         r.settings.spacing_ms,
+        r.settings
+            .agent_args
+            .iter()
+            .fold(String::new(), |acc, a| format!("{acc} {a}")),
     );
     let _ = writeln!(s, "## Outage per fault\n{}", results(r));
     if let Some(svg) = svg_name {

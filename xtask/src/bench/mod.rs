@@ -72,6 +72,14 @@ pub struct Args {
     /// Use this bridge-guard binary instead of building one with `cargo xtask build --release`.
     #[arg(long, value_name = "PATH")]
     agent: Option<PathBuf>,
+    /// An extra argument for `bridge-guard run` (repeatable), to compare settings, e.g.
+    /// `--agent-arg=--no-ebpf` or `--agent-arg=--log-level=warn`.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
+    /// Only these contenders (repeatable) [default: all three]. The targets that compare with
+    /// the shell guard need it.
+    #[arg(long, value_enum, value_name = "NAME")]
+    contender: Vec<Contender>,
     /// Run nothing: write the markdown, chart and docs again from an earlier run's bench.json.
     #[arg(long, value_name = "JSON")]
     render: Option<PathBuf>,
@@ -86,6 +94,7 @@ struct Plan {
     quiet: Duration,
     spacing: Duration,
     pipeline: Option<pipeline::Plan>,
+    contenders: Vec<Contender>,
     quick: bool,
 }
 
@@ -124,6 +133,11 @@ impl Plan {
                     ("loaded", 5_000, Duration::from_secs(1)),
                 ],
             }),
+            contenders: if a.contender.is_empty() {
+                Contender::ALL.to_vec()
+            } else {
+                a.contender.clone()
+            },
             quick: q,
         };
         if plan.vms.is_empty() || plan.vms.iter().any(|n| !(1..=250).contains(n)) {
@@ -172,7 +186,7 @@ fn progress(line: &str) {
 fn fault_phase(
     plan: &Plan,
     n: usize,
-    bin: &Path,
+    (bin, extra): (&Path, &[String]),
     tmp: &TempDir,
     trials: &mut Vec<Trial>,
     costs: &mut Vec<RunCost>,
@@ -184,7 +198,10 @@ fn fault_phase(
     faults::restore(&mut lab, false)?;
     let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), lab.lab.ports())?;
     obs.settle(plan.quiet, Duration::from_secs(30))?;
-    for contender in Contender::ALL {
+    for contender in Contender::ALL
+        .into_iter()
+        .filter(|c| plan.contenders.contains(c))
+    {
         let reps = if contender == Contender::None {
             plan.none_repeat
         } else {
@@ -199,7 +216,14 @@ fn fault_phase(
                 String::new()
             }
         ));
-        let running = Running::start(contender, &lab.lab.host, bin, &mut obs, &mut lab.host, tmp)?;
+        let running = Running::start(
+            contender,
+            &lab.lab.host,
+            (bin, extra),
+            &mut obs,
+            &mut lab.host,
+            tmp,
+        )?;
         if !obs.healthy() {
             faults::restore(&mut lab, false)?;
         }
@@ -387,17 +411,26 @@ pub fn run(args: &Args) -> Result<()> {
         .map_or(0, |d| d.as_secs());
     let cpu_start = machine::cpu_times();
     let mut machine = machine::collect(&bin);
+    let sampler = machine::LoadSampler::start();
     let tmp = TempDir::new("bgb", "work")?;
     let mut trials = Vec::new();
     let mut costs = Vec::new();
     for &n in &plan.vms {
-        fault_phase(&plan, n, &bin, &tmp, &mut trials, &mut costs)?;
+        fault_phase(
+            &plan,
+            n,
+            (&bin, &args.agent_arg),
+            &tmp,
+            &mut trials,
+            &mut costs,
+        )?;
     }
     let pipeline = match &plan.pipeline {
-        Some(p) => Some(pipeline::run(p, &bin, &progress)?),
+        Some(p) => Some(pipeline::run(p, (&bin, &args.agent_arg), &progress)?),
         None => None,
     };
     machine.finish(cpu_start);
+    machine.other_load = sampler.finish();
     let cells = report::cells(&trials, &plan.vms);
     let targets = report::targets(&cells, pipeline.as_ref());
     let report = Report {
@@ -412,6 +445,7 @@ pub fn run(args: &Args) -> Result<()> {
             quiet_ms: u64::try_from(plan.quiet.as_millis()).unwrap_or(0),
             spacing_ms: u64::try_from(plan.spacing.as_millis()).unwrap_or(0),
             quick: plan.quick,
+            agent_args: args.agent_arg.clone(),
         },
         machine,
         cells,

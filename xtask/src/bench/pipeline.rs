@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    contenders::{metrics_addr, spawn_agent},
+    contenders::{metrics_addr, run_args, spawn_agent},
     faults::{self, BenchLab},
     monitor::Activity,
     rtnl::Rtnl,
@@ -309,7 +309,11 @@ fn wait_port_log(
     }
 }
 
-pub fn run(plan: &Plan, bin: &Path, progress: &dyn Fn(&str)) -> Result<Pipeline> {
+pub fn run(
+    plan: &Plan,
+    (bin, extra): (&Path, &[String]),
+    progress: &dyn Fn(&str),
+) -> Result<Pipeline> {
     let mut lab = BenchLab::new("bgb", "pipe", 2)?;
     let ns = lab.lab.host.name.clone();
     let mut lines = vec![
@@ -329,24 +333,9 @@ pub fn run(plan: &Plan, bin: &Path, progress: &dyn Fn(&str)) -> Result<Pipeline>
     let state = TempDir::on_tmpfs("bgb", "pipe-state")?;
     let dir = state.path.to_string_lossy().into_owned();
     let (tx, rx) = mpsc::channel();
-    let (agent, ready_line, _) = spawn_agent(
-        &lab.lab.host,
-        bin,
-        &[
-            "run",
-            "--bridge",
-            "br0",
-            "--port-pattern",
-            "vnet*",
-            "--metrics",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--state-dir",
-            &dir,
-        ],
-        tx,
-    )?;
+    let args = run_args(&dir, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (agent, ready_line, _) = spawn_agent(&lab.lab.host, bin, &args, tx)?;
     let addr = metrics_addr(&ready_line).context("no metrics address in the ready line")?;
     let pid = agent.pid();
     // Its start-up repairs done: nothing logged for a second.

@@ -82,6 +82,9 @@ pub struct Settings {
     pub quiet_ms: u64,
     pub spacing_ms: u64,
     pub quick: bool,
+    /// Extra arguments given to `bridge-guard run` (`--agent-arg`).
+    #[serde(default)]
+    pub agent_args: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
