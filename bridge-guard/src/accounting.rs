@@ -280,14 +280,25 @@ pub fn seconds(ns: u64) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const S: u64 = 1_000_000_000;
 
     fn t(port: &str, from: Option<PortState>, to: PortState, at: u64) -> Transition {
+        transition("br0", port, from, to, at)
+    }
+
+    /// A kernel-stamped transition, as the model reports them.
+    pub(crate) fn transition(
+        bridge: &str,
+        port: &str,
+        from: Option<PortState>,
+        to: PortState,
+        at: u64,
+    ) -> Transition {
         Transition {
-            bridge: "br0".into(),
+            bridge: bridge.into(),
             port: port.into(),
             from,
             to,

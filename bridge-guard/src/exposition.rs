@@ -345,7 +345,7 @@ pub fn write_textfile(path: &Path, acc: &Accounting) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Clock, Transition};
+    use crate::accounting::tests::transition;
 
     #[test]
     fn renders_parseable_text_with_escaped_labels() {
@@ -363,17 +363,7 @@ mod tests {
                 4_000_000_000,
             ),
         ] {
-            acc.on_transition(&Transition {
-                bridge: "br\"0".into(),
-                port: "vnet0".into(),
-                from,
-                to,
-                at,
-                clock: Clock::Kernel,
-                in_from_ns: None,
-                outage_ns: None,
-                actor: None,
-            });
+            acc.on_transition(&transition("br\"0", "vnet0", from, to, at));
         }
         acc.hooks.push(("port-state".into(), "tracepoint".into()));
         let text = render(&acc, 5_000_000_000);
