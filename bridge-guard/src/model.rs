@@ -60,6 +60,8 @@ pub struct Transition {
 pub struct Model {
     guarded: BTreeSet<String>,
     links: BTreeMap<u32, LinkSnapshot>,
+    /// Link name -> ifindex, kept with `links`: members are remembered by name.
+    by_name: BTreeMap<String, u32>,
     /// Guarded port name -> state.
     tracks: BTreeMap<String, Track>,
     /// Guarded bridge name -> port names that belong to it.
@@ -76,7 +78,24 @@ pub struct Model {
     kernel_port_states: bool,
     /// Kernel port states of links not known yet (the event beat the link's notification).
     early_states: BTreeMap<u32, PortState>,
+    /// The latest port state eBPF saw per port ifindex, with the kernel's time and actor, until
+    /// netlink shows the model that state: a new port's first states often reach the ring
+    /// buffer before the notification that enslaved it, when the model cannot track it yet.
+    stamps: BTreeMap<u32, Stamp>,
 }
+
+/// A port state as eBPF saw it.
+#[derive(Clone, Debug)]
+struct Stamp {
+    state: PortState,
+    at: Ktime,
+    actor: Actor,
+}
+
+/// How long a [`Stamp`] may wait for netlink to catch up. Delivery gaps between the ring
+/// buffer and the netlink socket are microseconds to milliseconds (more while the agent is
+/// descheduled); an older stamp is more likely news of an earlier visit to the same state.
+const STAMP_WINDOW_NS: Ktime = 1_000_000_000;
 
 impl Model {
     pub fn new(guarded: impl IntoIterator<Item = String>) -> Self {
@@ -101,7 +120,26 @@ impl Model {
     }
 
     pub fn link_by_name(&self, name: &str) -> Option<&LinkSnapshot> {
-        self.links.values().find(|l| l.name == name)
+        self.by_name.get(name).and_then(|i| self.links.get(i))
+    }
+
+    fn insert_link(&mut self, snap: LinkSnapshot) {
+        if let Some(old) = self.links.get(&snap.ifindex) {
+            if old.name != snap.name && self.by_name.get(&old.name) == Some(&snap.ifindex) {
+                self.by_name.remove(&old.name);
+            }
+        }
+        self.by_name.insert(snap.name.clone(), snap.ifindex);
+        self.links.insert(snap.ifindex, snap);
+    }
+
+    fn remove_link(&mut self, ifindex: u32) {
+        if let Some(old) = self.links.remove(&ifindex) {
+            if self.by_name.get(&old.name) == Some(&ifindex) {
+                self.by_name.remove(&old.name);
+            }
+        }
+        self.stamps.remove(&ifindex);
     }
 
     pub fn links(&self) -> impl Iterator<Item = &LinkSnapshot> {
@@ -110,9 +148,8 @@ impl Model {
 
     /// The bridge device currently named `name`.
     pub fn bridge(&self, name: &str) -> Option<&LinkSnapshot> {
-        self.links
-            .values()
-            .find(|l| l.name == name && l.kind == crate::sources::netlink::LinkKind::Bridge)
+        self.link_by_name(name)
+            .filter(|l| l.kind == crate::sources::netlink::LinkKind::Bridge)
     }
 
     /// The links enslaved to `bridge_ifindex`.
@@ -153,6 +190,11 @@ impl Model {
     /// Replaces every link with a fresh dump.
     pub fn reset(&mut self, links: Vec<LinkSnapshot>, now: Ktime) -> Vec<Transition> {
         self.links = links.into_iter().map(|l| (l.ifindex, l)).collect();
+        self.by_name = self
+            .links
+            .values()
+            .map(|l| (l.name.clone(), l.ifindex))
+            .collect();
         self.early_states.clear();
         self.refresh(now, Clock::Netlink, None)
     }
@@ -167,10 +209,10 @@ impl Model {
                     };
                     snap.port_state = snap.master.and(kernel.or(snap.port_state));
                 }
-                self.links.insert(snap.ifindex, snap);
+                self.insert_link(snap);
             }
             NetlinkEvent::Removed { ifindex, name } => {
-                self.links.remove(&ifindex);
+                self.remove_link(ifindex);
                 // The device is gone, not detached: its membership ended.
                 for m in self.members.values_mut() {
                     m.remove(&name);
@@ -202,12 +244,22 @@ impl Model {
         match ev.change {
             Change::PortState {
                 new: Some(state), ..
-            } => match self.links.get_mut(&ev.port_ifindex) {
-                Some(l) => l.port_state = Some(state),
-                None => {
-                    self.early_states.insert(ev.port_ifindex, state);
+            } => {
+                self.stamps.insert(
+                    ev.port_ifindex,
+                    Stamp {
+                        state,
+                        at: ev.ktime_ns,
+                        actor: ev.actor.clone(),
+                    },
+                );
+                match self.links.get_mut(&ev.port_ifindex) {
+                    Some(l) => l.port_state = Some(state),
+                    None => {
+                        self.early_states.insert(ev.port_ifindex, state);
+                    }
                 }
-            },
+            }
             Change::Join => {
                 if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
                     l.master = Some(ev.bridge_ifindex);
@@ -274,9 +326,10 @@ impl Model {
         // Forget members that moved to another master, and say so once.
         for (bridge, members) in &mut self.members {
             let links = &self.links;
+            let by_name = &self.by_name;
             let moved = &mut self.moved;
             members.retain(|port| {
-                let Some(link) = links.values().find(|l| l.name == *port) else {
+                let Some(link) = by_name.get(port).and_then(|i| links.get(i)) else {
                     return true;
                 };
                 match link.master {
@@ -293,13 +346,14 @@ impl Model {
         }
 
         let mut out = Vec::new();
+        let mut used = Vec::new();
         for (bridge, members) in &self.members {
             let bridge_ifindex = guarded_ifindex
                 .iter()
                 .find(|(_, name)| *name == bridge)
                 .map(|(i, _)| *i);
             for port in members {
-                let link = self.links.values().find(|l| l.name == *port);
+                let link = self.by_name.get(port).and_then(|i| self.links.get(i));
                 let state = match link {
                     Some(l) if l.master.is_some() && l.master == bridge_ifindex => {
                         l.port_state.unwrap_or(PortState::Disabled)
@@ -308,11 +362,40 @@ impl Model {
                     // Device gone: nothing to track (Removed handles it).
                     None => continue,
                 };
-                if let Some(t) = transition(&mut self.tracks, bridge, port, state, at, clock, actor)
-                {
+                // Netlink's news of a state eBPF already stamped: the kernel's time is the true
+                // one. The stamp is used up either way once netlink shows that state.
+                let stamp = match (clock, link.and_then(|l| self.stamps.get(&l.ifindex))) {
+                    (Clock::Netlink, Some(s))
+                        if s.state == state && s.at <= at && at - s.at < STAMP_WINDOW_NS =>
+                    {
+                        Some(s)
+                    }
+                    _ => None,
+                };
+                let t = match stamp {
+                    Some(s) => transition(
+                        &mut self.tracks,
+                        bridge,
+                        port,
+                        state,
+                        s.at,
+                        Clock::Kernel,
+                        Some(&s.actor),
+                    ),
+                    None => transition(&mut self.tracks, bridge, port, state, at, clock, actor),
+                };
+                if stamp.is_some() {
+                    if let Some(l) = link {
+                        used.push(l.ifindex);
+                    }
+                }
+                if let Some(t) = t {
                     out.push(t);
                 }
             }
+        }
+        for ifindex in used {
+            self.stamps.remove(&ifindex);
         }
         out
     }
@@ -365,9 +448,17 @@ fn transition(
         }
         return None;
     }
-    // Netlink delivers after the fact: never let its receive time predate a kernel stamp.
-    let at = at.max(track.since);
+    // Netlink delivers after the fact: never let its receive time predate a kernel stamp. A
+    // kernel time may predate a receive time, which then said only when the news arrived.
+    let at = if clock == Clock::Kernel && track.clock == Clock::Netlink {
+        at
+    } else {
+        at.max(track.since)
+    };
     let from = track.state;
+    if let Some(start) = track.outage_since.as_mut() {
+        *start = (*start).min(at);
+    }
     let outage_ns = (state == PortState::Forwarding)
         .then_some(track.outage_since)
         .flatten()
@@ -379,7 +470,7 @@ fn transition(
         to: state,
         at,
         clock,
-        in_from_ns: Some(at - track.since),
+        in_from_ns: Some(at.saturating_sub(track.since)),
         outage_ns,
         actor: actor.cloned(),
     };
@@ -559,6 +650,57 @@ pub(crate) mod tests {
         late.port_state = Some(PortState::Disabled);
         let t = m.apply_netlink(NetlinkEvent::Link(late), 6);
         assert_eq!(t[0].to, PortState::Listening);
+    }
+
+    #[test]
+    fn a_new_ports_kernel_stamp_outlives_the_late_notifications_that_enslave_it() {
+        let mut m = Model::new(["br0".to_owned()]);
+        let mut links = lab();
+        links[1].master = None;
+        links[1].port_state = None;
+        m.reset(links, 0);
+        // eBPF: the port entered listening at 500, before netlink said it was enslaved.
+        let ev = KernelEvent {
+            actor: Actor::Task {
+                comm: "ip".into(),
+                pid: 42,
+            },
+            ..kernel_state(9, PortState::Listening, 500)
+        };
+        assert!(m.apply_kernel(&ev).is_empty(), "not a member yet");
+        let mut joined = link(9, "vnet0", LinkKind::Veth, Some(7));
+        joined.port_state = Some(PortState::Disabled);
+        let t = m.apply_netlink(NetlinkEvent::Link(joined), 2_000);
+        assert_eq!((t[0].to, t[0].clock), (PortState::Disabled, Clock::Netlink));
+        let t = m.apply_netlink(
+            NetlinkEvent::PortState {
+                ifindex: 9,
+                master: Some(7),
+                state: PortState::Listening,
+            },
+            2_100,
+        );
+        assert_eq!(
+            (t[0].to, t[0].at, t[0].clock, t[0].in_from_ns),
+            (PortState::Listening, 500, Clock::Kernel, Some(0))
+        );
+        assert_eq!(t[0].actor, Some(ev.actor.clone()));
+        // Not forwarding since the kernel's time, not since the news arrived.
+        assert_eq!(m.track("vnet0").and_then(|t| t.outage_since), Some(500));
+        // Used up: netlink's next word on the same state leaves the kernel's time alone,
+        // and a later visit to listening is stamped on receipt.
+        let mut fwd = link(9, "vnet0", LinkKind::Veth, Some(7));
+        fwd.port_state = Some(PortState::Forwarding);
+        m.apply_netlink(NetlinkEvent::Link(fwd), 3_000);
+        let t = m.apply_netlink(
+            NetlinkEvent::PortState {
+                ifindex: 9,
+                master: Some(7),
+                state: PortState::Listening,
+            },
+            4_000,
+        );
+        assert_eq!((t[0].at, t[0].clock), (4_000, Clock::Netlink));
     }
 
     #[test]

@@ -271,12 +271,30 @@ impl Agent {
 
     /// Sends SIGTERM and waits for the agent to exit; its exit status.
     pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: signalling our own child, which has not been waited for yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        self.signal(libc::SIGTERM)?;
         let status = self.child.wait()?;
         self.drain_log();
         Ok(status)
+    }
+
+    /// Stops the agent (SIGSTOP) so that a change lands before it can react: its netlink
+    /// socket and ring buffer queue everything meanwhile. Undo with [`Agent::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    /// Lets a paused agent go on (SIGCONT).
+    pub fn resume(&self) -> Result<()> {
+        self.signal(libc::SIGCONT)
+    }
+
+    fn signal(&self, sig: libc::c_int) -> Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: signalling our own child, which has not been waited for yet.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling the agent");
+        }
+        Ok(())
     }
 
     /// Kills the agent at once (SIGKILL), as a crash would.
