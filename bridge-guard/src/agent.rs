@@ -201,7 +201,7 @@ impl Agent {
             self.model.remember(&bridge, &port);
         }
         self.record_transitions(&transitions);
-        self.reconcile().await;
+        self.reconcile(monotonic_ns()).await;
         Ok(())
     }
 
@@ -298,6 +298,8 @@ impl Agent {
                     }
                 } => {}
             }
+            // A repair's latency counts from here: the moment the agent heard of the fault.
+            let woke = monotonic_ns();
             if !batch.is_empty() {
                 *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
                 // Events the kernel could not queue mean the model may have missed a change.
@@ -322,7 +324,7 @@ impl Agent {
                     Err(e) => tracing::warn!("undecodable eBPF event: {e}"),
                 }
             }
-            self.reconcile().await;
+            self.reconcile(woke).await;
             // Publishing (state file, textfile) waits a little and coalesces: it must never
             // sit between a fault's notifications and their repair.
             if self.dirty && publish_at.is_none() {
@@ -502,12 +504,13 @@ impl Agent {
     }
 
     /// Plans and applies the repairs the model calls for.
-    async fn reconcile(&mut self) {
-        self.repair().await;
+    async fn reconcile(&mut self, woke: Ktime) {
+        self.repair(woke).await;
         self.flush_transitions();
     }
 
-    async fn repair(&mut self) {
+    /// `woke`: when the agent heard of what it now repairs; repair latency counts from there.
+    async fn repair(&mut self, woke: Ktime) {
         let now = monotonic_ns();
         self.confirm(now);
         {
@@ -546,17 +549,31 @@ impl Agent {
             self.observed = keys;
             return;
         }
+        let mut todo = Vec::new();
         for action in plan.actions {
             let key = action.key();
-            if self.pending.contains_key(&key) {
-                continue;
-            }
-            if self.backoff.wait_until(&key, now).is_some() {
+            if self.pending.contains_key(&key) || self.backoff.wait_until(&key, now).is_some() {
                 continue;
             }
             let (fault, outage_since) = self.fault(&action);
-            let issued = monotonic_ns();
-            match actuator::apply(&self.netlink.handle, &action).await {
+            todo.push((key, action, fault, outage_since));
+        }
+        if todo.is_empty() {
+            return;
+        }
+        // Every request goes out before the first acknowledgement is awaited: one socket, so
+        // the kernel still takes them in plan order (STP off before a port is forced), and a
+        // recreated bridge's ports cost one round trip, not one each.
+        let issued = monotonic_ns();
+        let handle = self.netlink.handle.clone();
+        let results = futures::future::join_all(
+            todo.iter()
+                .map(|(_, action, _, _)| actuator::apply(&handle, action)),
+        )
+        .await;
+        let acked = monotonic_ns();
+        for ((key, action, fault, outage_since), result) in todo.into_iter().zip(results) {
+            match result {
                 Ok(actuator::Applied::Stale(fresh)) => {
                     tracing::debug!("not applied, the kernel moved on: {action}");
                     let t = self
@@ -565,13 +582,12 @@ impl Agent {
                     self.record_transitions(&t);
                 }
                 Ok(actuator::Applied::Done) => {
-                    let acked = monotonic_ns();
                     self.acc().on_repair(
                         action.bridge(),
                         action.port(),
                         action.kind(),
                         true,
-                        acked.saturating_sub(now),
+                        acked.saturating_sub(woke),
                     );
                     *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
                     self.dirty = true;
@@ -591,11 +607,20 @@ impl Agent {
                         },
                     );
                 }
+                // The device went away under the repair (a bridge being deleted takes its
+                // ports with it): nothing was undone, so nothing to back off from; the
+                // notifications on their way will say what is left to do.
+                Err(e) if e.errno() == Some(libc::ENODEV) => {
+                    tracing::info!("repair overtaken: {}: {fault}", crate::error_chain(&e));
+                }
                 Err(e) => {
                     self.acc()
                         .on_repair(action.bridge(), action.port(), action.kind(), false, 0);
-                    self.backoff.record(&key, issued);
-                    tracing::error!("repair failed: {}: {fault}", crate::error_chain(&e));
+                    let delay = self.backoff.record(&key, issued);
+                    tracing::error!(
+                        "repair failed: {}: {fault}; next try in {delay:?} at the earliest",
+                        crate::error_chain(&e)
+                    );
                 }
             }
         }

@@ -262,8 +262,7 @@ impl Netlink {
         let (mut conn, handle, notifications) =
             rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         let socket = conn.socket_mut().socket_mut();
-        // A larger buffer is a nicety; failing to get it is not an error.
-        let _ = socket.set_rx_buf_sz(RX_BUFFER);
+        grow_rx_buffer(socket);
         socket
             .add_membership(RTNLGRP_LINK)
             .map_err(NetlinkError::Subscribe)?;
@@ -277,6 +276,37 @@ impl Netlink {
     /// Dumps every link.
     pub async fn dump(&self) -> Result<Vec<LinkSnapshot>, NetlinkError> {
         dump(&self.handle).await
+    }
+}
+
+/// Asks for [`RX_BUFFER`] bytes of receive buffer: past `net.core.rmem_max` with
+/// SO_RCVBUFFORCE (CAP_NET_ADMIN), else as much as SO_RCVBUF allows. A larger buffer is a
+/// nicety (an overrun costs a dump, not correctness), so failing only gets a log line.
+fn grow_rx_buffer(socket: &mut netlink_sys::Socket) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+    let want = libc::c_int::try_from(RX_BUFFER).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket fd and a c_int option value of the right length.
+    let forced = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&want).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    let how = if forced {
+        "SO_RCVBUFFORCE"
+    } else {
+        let _ = socket.set_rx_buf_sz(RX_BUFFER);
+        "SO_RCVBUF, capped by net.core.rmem_max: SO_RCVBUFFORCE needs CAP_NET_ADMIN"
+    };
+    // The kernel reports twice what it grants to data (the rest is its bookkeeping).
+    let got = socket.get_rx_buf_sz().map_or(0, |n| n / 2);
+    if forced {
+        tracing::debug!("netlink receive buffer: {} KiB ({how})", got / 1024);
+    } else {
+        tracing::info!("netlink receive buffer: {} KiB ({how})", got / 1024);
     }
 }
 
