@@ -267,17 +267,34 @@ fn with_repair_a_port_barely_listens_and_each_listening_is_one_repair() -> anyho
     );
     assert_eq!(listened, 1.0, "vnet0 entered listening {listened} times");
     assert_eq!(forced, 1.0, "one listening stay, {forced} forced repairs");
+    // Cut short by the repair: straight from listening to forwarding, never reaching learning
+    // (the STP timer's next step, a forward delay of 2 s later).
+    let cut = count(
+        "bridge_guard_port_transitions_total",
+        &[
+            ("port", "vnet0"),
+            ("from", "listening"),
+            ("to", "forwarding"),
+        ],
+    );
+    let learned = count(
+        "bridge_guard_port_transitions_total",
+        &[("port", "vnet0"), ("to", "learning")],
+    );
+    assert_eq!(
+        (cut, learned),
+        (1.0, 0.0),
+        "listening -> forwarding, no learning"
+    );
     let listening = value(
         &s,
         "bridge_guard_port_state_seconds_total",
         &[("port", "vnet0"), ("state", "listening")],
     );
-    // The stay includes the pause above (two `ip` commands): tens of milliseconds, against
-    // the 2 s forward delay an unguarded port spends there.
-    assert!(
-        listening < 0.25,
-        "{listening} s in listening: not near zero"
-    );
+    // The stay includes the pause above and the agent's reaction: milliseconds here, up to a
+    // tenth of a second under emulation (the VM matrix), against the 2 s forward delay an
+    // unguarded port listens. How fast is the benchmark's business; this asserts "cut short".
+    assert!(listening < 1.0, "{listening} s in listening: not cut short");
     assert!(
         value(
             &s,
