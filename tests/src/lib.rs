@@ -1,27 +1,28 @@
-//! Helpers for bridge-guard's integration tests: network-namespace labs that clean up after
-//! themselves, and the real agent as a child process whose events tests wait on.
+//! Helpers for bridge-guard's integration tests: network-namespace labs (from [`netlab`]) and
+//! the real agent as a child process whose events tests wait on.
 //!
-//! Rules the helpers enforce: every namespace is created here, named `bgt-<pid>-<n>-<tag>`, and
-//! deleted on drop (also on panic); nothing touches the host's own namespace; waiting is on
-//! readiness lines and events with a bound, never on sleeps.
+//! Rules the helpers enforce: every namespace is created through [`netlab`] with [`PREFIX`],
+//! named `bgt-<pid>-<n>-<tag>`, and deleted on drop (also on panic); nothing touches the host's
+//! own namespace; waiting is on readiness lines and events with a bound, never on sleeps.
 
 use std::{
-    io::{BufRead as _, BufReader},
-    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        mpsc::{self, Receiver, RecvTimeoutError},
-    },
+    sync::mpsc::{self, Receiver, RecvTimeoutError},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
+use netlab::read_lines;
+pub use netlab::{NetNs, VmLab, http_get};
 use serde_json::Value;
 
-/// Prefix of every namespace the tests create.
-pub const PREFIX: &str = "bgt-";
+/// Prefix of every namespace the tests create; distinct from the bench's and the demo's, so
+/// that none sweeps the others' namespaces.
+pub const PREFIX: &str = "bgt";
+
+/// How long [`VmLab::guests_talk`] waits for its datagram.
+pub const TALK: Duration = Duration::from_secs(5);
 
 /// `true` (after printing why) when the test cannot run here and must skip.
 pub fn skip_unless_root(test: &str) -> bool {
@@ -45,115 +46,6 @@ pub fn agent_bin() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn run(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Deletes namespaces left by test processes that no longer exist (killed before cleanup).
-fn sweep_stale() {
-    let Ok(entries) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !PathBuf::from(format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        }
-    }
-}
-
-/// A network namespace owned by one test; deleted on drop.
-pub struct NetNs {
-    pub name: String,
-}
-
-impl NetNs {
-    pub fn new(tag: &str) -> Result<Self> {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        static SWEPT: std::sync::Once = std::sync::Once::new();
-        SWEPT.call_once(sweep_stale);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("{PREFIX}{}-{n}-{tag}", std::process::id());
-        run(Command::new("ip").args(["netns", "add", &name]))?;
-        let ns = Self { name };
-        ns.ip("link set lo up")?;
-        Ok(ns)
-    }
-
-    /// Runs `ip -n <ns> <args>` (whitespace-separated).
-    pub fn ip(&self, args: &str) -> Result<String> {
-        run(Command::new("ip")
-            .args(["-n", &self.name])
-            .args(args.split_whitespace()))
-    }
-
-    /// A command that runs `program` inside the namespace.
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name]).arg(program);
-        cmd
-    }
-
-    /// The namespace's inode: what the kernel reports as `net->ns.inum`.
-    pub fn inode(&self) -> Result<u32> {
-        let ino = std::fs::metadata(format!("/run/netns/{}", self.name))?.ino();
-        Ok(u32::try_from(ino)?)
-    }
-
-    pub fn ifindex(&self, dev: &str) -> Result<u32> {
-        let out = self.ip(&format!("-j link show dev {dev}"))?;
-        let v: Value = serde_json::from_str(&out)?;
-        v[0]["ifindex"]
-            .as_u64()
-            .and_then(|i| u32::try_from(i).ok())
-            .with_context(|| format!("no ifindex for {dev} in {out}"))
-    }
-
-    /// A bridge with kernel STP on and the shortest forward delay the kernel allows (2 s), up.
-    pub fn stp_bridge(&self, name: &str) -> Result<()> {
-        self.ip(&format!(
-            "link add {name} type bridge stp_state 1 forward_delay 200"
-        ))?;
-        self.ip(&format!("link set {name} up"))?;
-        Ok(())
-    }
-
-    /// A veth pair `port`/`peer` with `port` enslaved to `bridge`, both ends up: a VM's tap as
-    /// seen from the bridge, with the guest end kept in this namespace.
-    pub fn veth_port(&self, bridge: &str, port: &str, peer: &str) -> Result<()> {
-        self.ip(&format!("link add {port} type veth peer name {peer}"))?;
-        self.ip(&format!("link set {port} master {bridge}"))?;
-        self.ip(&format!("link set {port} up"))?;
-        self.ip(&format!("link set {peer} up"))?;
-        Ok(())
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// The real agent as a child process in a namespace; killed on drop.
@@ -234,26 +126,17 @@ impl Agent {
         let stdout = child.stdout.take().context("no stdout")?;
         let stderr = child.stderr.take().context("no stderr")?;
         let (ev_tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if ev_tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => eprintln!("agent printed a non-JSON line ({e}): {line}"),
+        read_lines(stdout, move |line| {
+            match serde_json::from_str::<Value>(&line) {
+                Ok(v) => ev_tx.send(v).is_ok(),
+                Err(e) => {
+                    eprintln!("agent printed a non-JSON line ({e}): {line}");
+                    true
                 }
             }
         });
         let (log_tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if log_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        read_lines(stderr, move |line| log_tx.send(line).is_ok());
         let mut agent = Self {
             child,
             events,
@@ -477,53 +360,47 @@ pub fn is_port_state(ev: &Value, port: &str, state: &str) -> bool {
     ev["kind"] == "port_state" && ev["port"] == port && ev["new"] == state
 }
 
-/// A lab as the repair scenarios need it: namespace `host` with bridge `br0` (kernel STP on,
-/// forward delay 2 s), and `n` VM namespaces, each joined by a veth whose bridge end is
-/// `vnetN` and whose guest end is `eth0` at 198.18.0.(N+1)/24.
-pub struct VmLab {
-    pub host: NetNs,
-    pub vms: Vec<NetNs>,
-}
-
-impl VmLab {
-    pub fn new(tag: &str, n: usize) -> Result<Self> {
-        let host = NetNs::new(tag)?;
-        host.stp_bridge("br0")?;
-        let mut vms = Vec::new();
-        for i in 0..n {
-            let vm = NetNs::new(&format!("{tag}vm{i}"))?;
-            host.ip(&format!(
-                "link add vnet{i} type veth peer name eth0 netns {}",
-                vm.name
-            ))?;
-            host.ip(&format!("link set vnet{i} master br0"))?;
-            host.ip(&format!("link set vnet{i} up"))?;
-            vm.ip(&format!("addr add 198.18.0.{}/24 dev eth0", i + 1))?;
-            vm.ip("link set eth0 up")?;
-            vms.push(vm);
-        }
-        Ok(Self { host, vms })
-    }
-
+/// The checks the scenarios make on a [`VmLab`].
+pub trait VmLabChecks: Sized {
     /// Why the lab is not healthy (bridge up with carrier, every vnet port enslaved and
     /// forwarding), or `None` when it is.
-    pub fn unhealthy(&self) -> Result<Option<String>> {
+    fn unhealthy(&self) -> Result<Option<String>>;
+
+    /// Waits until the lab is healthy, re-checking on every link notification in the host
+    /// namespace (`ip monitor`), never on a timer; fails after `timeout`.
+    fn wait_healthy(&self, timeout: Duration) -> Result<()>;
+
+    /// Waits until `problem` finds none, re-checking it on every link notification in the host
+    /// namespace; fails after `timeout` with the last problem found.
+    fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        problem: impl Fn(&Self) -> Result<Option<String>>,
+    ) -> Result<()>;
+
+    /// The bridge's `stp_state` (0 off, 1 kernel, 2 user).
+    fn stp_state(&self) -> Result<u64>;
+}
+
+impl VmLabChecks for VmLab {
+    fn unhealthy(&self) -> Result<Option<String>> {
         let links: Value = serde_json::from_str(&self.host.ip("-j -d link show")?)?;
         let links = links.as_array().context("ip -j link show: not an array")?;
         let find = |name: &str| links.iter().find(|l| l["ifname"] == name);
-        let Some(br) = find("br0") else {
-            return Ok(Some("br0 does not exist".into()));
+        let br = &self.bridge;
+        let Some(flags) = find(br).map(|l| l["flags"].to_string()) else {
+            return Ok(Some(format!("{br} does not exist")));
         };
-        let flags = br["flags"].to_string();
         if !flags.contains("\"UP\"") || !flags.contains("LOWER_UP") {
-            return Ok(Some(format!("br0 flags {flags}")));
+            return Ok(Some(format!("{br} flags {flags}")));
         }
         for i in 0..self.vms.len() {
             let name = format!("vnet{i}");
             let Some(port) = find(&name) else {
                 return Ok(Some(format!("{name} does not exist")));
             };
-            if port["master"] != "br0" {
+            if port["master"] != br.as_str() {
                 return Ok(Some(format!("{name} master is {}", port["master"])));
             }
             let state = &port["linkinfo"]["info_slave_data"]["state"];
@@ -534,15 +411,11 @@ impl VmLab {
         Ok(None)
     }
 
-    /// Waits until the lab is healthy, re-checking on every link notification in the host
-    /// namespace (`ip monitor`), never on a timer; fails after `timeout`.
-    pub fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+    fn wait_healthy(&self, timeout: Duration) -> Result<()> {
         self.wait_until("healthy", timeout, Self::unhealthy)
     }
 
-    /// Waits until `problem` finds none, re-checking it on every link notification in the host
-    /// namespace; fails after `timeout` with the last problem found.
-    pub fn wait_until(
+    fn wait_until(
         &self,
         what: &str,
         timeout: Duration,
@@ -556,13 +429,7 @@ impl VmLab {
             .context("starting ip monitor")?;
         let stdout = monitor.stdout.take().context("no stdout")?;
         let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        read_lines(stdout, move |line| tx.send(line).is_ok());
         let deadline = Instant::now() + timeout;
         let result = loop {
             // Checked after the monitor started, so no change can slip between check and wait.
@@ -581,87 +448,11 @@ impl VmLab {
         result
     }
 
-    /// The bridge's `stp_state` (0 off, 1 kernel, 2 user).
-    pub fn stp_state(&self) -> Result<u64> {
-        let v: Value = serde_json::from_str(&self.host.ip("-j -d link show br0")?)?;
+    fn stp_state(&self) -> Result<u64> {
+        let v: Value =
+            serde_json::from_str(&self.host.ip(&format!("-j -d link show {}", self.bridge))?)?;
         v[0]["linkinfo"]["info_data"]["stp_state"]
             .as_u64()
             .with_context(|| format!("no stp_state in {v}"))
     }
-
-    /// Sends a UDP datagram from VM `from` to VM `to` across the bridge and waits (up to 5 s)
-    /// for it to arrive: the guests can really talk.
-    pub fn guests_talk(&self, from: usize, to: usize) -> Result<()> {
-        let (src, dst) = (
-            format!("198.18.0.{}", from + 1),
-            format!("198.18.0.{}", to + 1),
-        );
-        let receiver_ns = self.vms[to].name.clone();
-        let sender_ns = self.vms[from].name.clone();
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let dst_bind = dst.clone();
-        let receiver = std::thread::spawn(move || -> Result<String> {
-            enter_netns(&receiver_ns)?;
-            let sock = std::net::UdpSocket::bind(format!("{dst_bind}:7777"))?;
-            sock.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let _ = ready_tx.send(());
-            let mut buf = [0u8; 64];
-            let (n, peer) = sock.recv_from(&mut buf).context("no datagram arrived")?;
-            Ok(format!(
-                "{} from {peer}",
-                String::from_utf8_lossy(&buf[..n])
-            ))
-        });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .context("receiver did not start")?;
-        let sender = std::thread::spawn(move || -> Result<()> {
-            enter_netns(&sender_ns)?;
-            let sock = std::net::UdpSocket::bind(format!("{src}:0"))?;
-            sock.send_to(b"hello", format!("{dst}:7777"))?;
-            Ok(())
-        });
-        sender
-            .join()
-            .map_err(|_| anyhow::anyhow!("sender panicked"))??;
-        let got = receiver
-            .join()
-            .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
-        anyhow::ensure!(got.starts_with("hello"), "unexpected datagram {got}");
-        Ok(())
-    }
-}
-
-/// `GET path` from `addr` (`host:port`) inside namespace `ns`; the response body.
-pub fn http_get(ns: &NetNs, addr: &str, path: &str) -> Result<String> {
-    use std::io::{Read as _, Write as _};
-    let (name, addr, path) = (ns.name.clone(), addr.to_owned(), path.to_owned());
-    std::thread::spawn(move || -> Result<String> {
-        enter_netns(&name)?;
-        let mut s =
-            std::net::TcpStream::connect(&addr).with_context(|| format!("connecting to {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp)?;
-        let (head, body) = resp.split_once("\r\n\r\n").context("no HTTP header end")?;
-        anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "HTTP error: {head}");
-        Ok(body.to_owned())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("http thread panicked"))?
-}
-
-/// Moves the calling thread into network namespace `name` (threads have their own).
-fn enter_netns(name: &str) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let f = std::fs::File::open(format!("/run/netns/{name}"))?;
-    // SAFETY: a valid namespace fd; affects only this thread.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("setns");
-    }
-    Ok(())
 }

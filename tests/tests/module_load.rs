@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use integration_tests::{Agent, NetNs, skip_unless_root};
+use integration_tests::{Agent, NetNs, PREFIX, skip_unless_root};
 
 /// `Some(true)`: a loaded module; `Some(false)`: not loaded; `None`: built in.
 fn bridge_module_state() -> anyhow::Result<Option<bool>> {
@@ -44,7 +44,7 @@ fn hooks_attach_when_the_bridge_module_loads_after_the_agent_started() -> anyhow
         }
         Some(false) => {}
     }
-    let lab = NetNs::new("modload")?;
+    let lab = NetNs::new(PREFIX, "modload")?;
     let mut agent = Agent::run(&lab, &["--bridge", "br0", "--observe"])?;
     assert!(
         !agent.ready.contains("port-state=kprobe"),

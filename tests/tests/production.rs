@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Agent, VmLab, agent_bin, skip_unless_root};
+use integration_tests::{
+    Agent, PREFIX, TALK, VmLab, VmLabChecks as _, agent_bin, skip_unless_root,
+};
 
 const HEAL: Duration = Duration::from_secs(20);
 
@@ -98,7 +100,7 @@ fn the_config_file_drives_the_agent_and_flags_override_it() -> anyhow::Result<()
     if skip_unless_root("the_config_file_drives_the_agent_and_flags_override_it") {
         return Ok(());
     }
-    let lab = VmLab::new("conf", 1)?;
+    let lab = VmLab::new(PREFIX, "conf", 1)?;
     let config = temp_file(
         &format!("{}.toml", lab.host.name),
         "observe = true\nlog_format = \"json\"\n[bridges.br0]\nports = [\"vnet*\"]\n",
@@ -177,7 +179,7 @@ fn sd_notify_ready_status_watchdog_and_stopping() -> anyhow::Result<()> {
     if skip_unless_root("sd_notify_ready_status_watchdog_and_stopping") {
         return Ok(());
     }
-    let lab = VmLab::new("notify", 1)?;
+    let lab = VmLab::new(PREFIX, "notify", 1)?;
     let path = std::env::temp_dir().join(format!("{}.notify", lab.host.name));
     let _ = std::fs::remove_file(&path);
     let sock = UnixDatagram::bind(&path)?;
@@ -214,7 +216,7 @@ fn a_restart_in_the_middle_of_an_outage_still_repairs_it() -> anyhow::Result<()>
     if skip_unless_root("a_restart_in_the_middle_of_an_outage_still_repairs_it") {
         return Ok(());
     }
-    let lab = VmLab::new("restart", 2)?;
+    let lab = VmLab::new(PREFIX, "restart", 2)?;
     let mut first = Agent::run(&lab.host, &["--bridge", "br0"])?;
     lab.wait_healthy(HEAL)?;
     first.kill()?; // a crash: no clean shutdown
@@ -230,7 +232,7 @@ fn a_restart_in_the_middle_of_an_outage_still_repairs_it() -> anyhow::Result<()>
     second.wait_log("re-attach", HEAL, |l| {
         l.contains("repaired: re-attach vnet1 to br0")
     })?;
-    lab.guests_talk(0, 1)?;
+    lab.guests_talk(0, 1, TALK)?;
     drop(first);
     Ok(())
 }
@@ -240,7 +242,7 @@ fn without_cap_net_admin_it_observes_or_refuses_when_repair_is_required() -> any
     if skip_unless_root("without_cap_net_admin_it_observes_or_refuses_when_repair_is_required") {
         return Ok(());
     }
-    let lab = VmLab::new("nocap", 1)?;
+    let lab = VmLab::new(PREFIX, "nocap", 1)?;
     let drop_net_admin = [
         "setpriv",
         "--bounding-set=-net_admin",
@@ -277,7 +279,7 @@ fn without_cap_bpf_it_runs_on_netlink_alone_and_still_repairs() -> anyhow::Resul
     if skip_unless_root("without_cap_bpf_it_runs_on_netlink_alone_and_still_repairs") {
         return Ok(());
     }
-    let lab = VmLab::new("nobpf", 1)?;
+    let lab = VmLab::new(PREFIX, "nobpf", 1)?;
     let no_bpf = [
         "setpriv",
         "--bounding-set=-bpf,-perfmon,-sys_admin",

@@ -5,7 +5,9 @@
 
 use std::{process::Command, time::Duration};
 
-use integration_tests::{Agent, VmLab, agent_bin, skip_unless_root};
+use integration_tests::{
+    Agent, PREFIX, TALK, VmLab, VmLabChecks as _, agent_bin, skip_unless_root,
+};
 
 /// Bound for a repair to show. Repairs take about a millisecond; the STP timers that would heal
 /// some faults on their own take 4 s, which is why mechanism is checked separately.
@@ -13,7 +15,7 @@ const HEAL: Duration = Duration::from_secs(20);
 
 /// A guarded lab, healthy (the agent turned STP off and forced the new ports on start).
 fn guarded_lab(tag: &str, extra: &[&str]) -> anyhow::Result<(VmLab, Agent)> {
-    let lab = VmLab::new(tag, 3)?;
+    let lab = VmLab::new(PREFIX, tag, 3)?;
     let mut args = vec!["--bridge", "br0"];
     args.extend_from_slice(extra);
     let agent = Agent::run(&lab.host, &args)?;
@@ -54,7 +56,8 @@ fn stp_reenabled_then_a_port_flaps() -> anyhow::Result<()> {
         learning.is_empty(),
         "a port walked the STP timers: {learning:?}"
     );
-    lab.guests_talk(0, 1)
+    lab.guests_talk(0, 1, TALK)?;
+    Ok(())
 }
 
 #[test]
@@ -68,7 +71,8 @@ fn a_detached_port_is_reattached() -> anyhow::Result<()> {
         l.contains("repaired: re-attach vnet1 to br0")
     })?;
     lab.wait_healthy(HEAL)?;
-    lab.guests_talk(1, 2)
+    lab.guests_talk(1, 2, TALK)?;
+    Ok(())
 }
 
 #[test]
@@ -80,7 +84,8 @@ fn a_downed_bridge_is_raised() -> anyhow::Result<()> {
     lab.host.ip("link set br0 down")?;
     agent.wait_log("bridge up", HEAL, |l| l.contains("repaired: set br0 up"))?;
     lab.wait_healthy(HEAL)?;
-    lab.guests_talk(2, 0)
+    lab.guests_talk(2, 0, TALK)?;
+    Ok(())
 }
 
 #[test]
@@ -100,7 +105,8 @@ fn stp_on_and_a_guest_end_flaps() -> anyhow::Result<()> {
         learning.is_empty(),
         "a port walked the STP timers: {learning:?}"
     );
-    lab.guests_talk(1, 0)
+    lab.guests_talk(1, 0, TALK)?;
+    Ok(())
 }
 
 #[test]
@@ -125,7 +131,8 @@ fn a_recreated_bridge_gets_its_ports_back() -> anyhow::Result<()> {
     }
     lab.wait_healthy(HEAL)?;
     assert_eq!(stp_state(&lab)?, 0);
-    lab.guests_talk(0, 2)
+    lab.guests_talk(0, 2, TALK)?;
+    Ok(())
 }
 
 #[test]
@@ -160,7 +167,8 @@ fn a_vpn_like_change_is_left_alone() -> anyhow::Result<()> {
     let tun: serde_json::Value = serde_json::from_str(&lab.host.ip("-j link show tun0")?)?;
     assert!(tun[0].get("master").is_none(), "tun0 was enslaved: {tun}");
     lab.wait_healthy(HEAL)?;
-    lab.guests_talk(0, 1)
+    lab.guests_talk(0, 1, TALK)?;
+    Ok(())
 }
 
 #[test]
@@ -168,7 +176,7 @@ fn a_bridge_with_a_vxlan_port_is_left_alone_and_the_refusal_reported() -> anyhow
     if skip_unless_root("a_bridge_with_a_vxlan_port_is_left_alone_and_the_refusal_reported") {
         return Ok(());
     }
-    let lab = VmLab::new("vxlan", 1)?;
+    let lab = VmLab::new(PREFIX, "vxlan", 1)?;
     lab.host
         .ip("link add vx0 type vxlan id 42 dstport 4789 local 198.18.1.1")?;
     lab.host.ip("link set vx0 master br0")?;
@@ -254,7 +262,7 @@ fn observe_only_repairs_nothing_and_reports_what_it_would_do() -> anyhow::Result
     if skip_unless_root("observe_only_repairs_nothing_and_reports_what_it_would_do") {
         return Ok(());
     }
-    let lab = VmLab::new("observe", 1)?;
+    let lab = VmLab::new(PREFIX, "observe", 1)?;
     let mut agent = Agent::run(&lab.host, &["--bridge", "br0", "--observe"])?;
     // Logged by the first reconcile, before the readiness line.
     assert!(
@@ -279,7 +287,7 @@ fn fix_repairs_once_and_exits() -> anyhow::Result<()> {
     if skip_unless_root("fix_repairs_once_and_exits") {
         return Ok(());
     }
-    let lab = VmLab::new("fix", 2)?;
+    let lab = VmLab::new(PREFIX, "fix", 2)?;
     lab.host.ip("link set vnet1 nomaster")?;
     lab.host.ip("link set br0 down")?;
     let out = lab
@@ -302,7 +310,7 @@ fn fix_repairs_once_and_exits() -> anyhow::Result<()> {
     }
     // No agent runs any more: whatever is healthy now, fix did.
     lab.wait_healthy(HEAL)?;
-    lab.guests_talk(0, 1)?;
+    lab.guests_talk(0, 1, TALK)?;
 
     let missing = lab
         .host

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use integration_tests::{Agent, VmLab, agent_bin, http_get, skip_unless_root};
+use integration_tests::{
+    Agent, PREFIX, VmLab, VmLabChecks as _, agent_bin, http_get, skip_unless_root,
+};
 use prometheus_parse::{Sample, Scrape, Value as PromValue};
 use serde_json::Value;
 
@@ -25,7 +27,7 @@ fn metrics_addr(agent: &Agent) -> String {
 }
 
 fn scrape(lab: &VmLab, agent: &Agent) -> anyhow::Result<Scrape> {
-    let body = http_get(&lab.host, &metrics_addr(agent), "/metrics")?;
+    let body = http_get(&lab.host.name, &metrics_addr(agent), "/metrics")?;
     Ok(Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
 }
 
@@ -86,7 +88,7 @@ fn observe_only_accounts_listening_and_learning_in_logs_and_metrics() -> anyhow:
     if skip_unless_root("observe_only_accounts_listening_and_learning_in_logs_and_metrics") {
         return Ok(());
     }
-    let lab = VmLab::new("acct", 0)?;
+    let lab = VmLab::new(PREFIX, "acct", 0)?;
     let textfile = std::env::temp_dir().join(format!("{}.prom", lab.host.name));
     let textfile_arg = textfile.to_string_lossy().into_owned();
     let mut agent = Agent::run(
@@ -218,7 +220,7 @@ fn with_repair_a_port_barely_listens_and_each_listening_is_one_repair() -> anyho
     if skip_unless_root("with_repair_a_port_barely_listens_and_each_listening_is_one_repair") {
         return Ok(());
     }
-    let lab = VmLab::new("acctfix", 0)?;
+    let lab = VmLab::new(PREFIX, "acctfix", 0)?;
     let mut agent = Agent::run(
         &lab.host,
         &[
@@ -326,7 +328,7 @@ fn a_bad_metrics_address_fails_at_start_with_a_clear_error() -> anyhow::Result<(
     if skip_unless_root("a_bad_metrics_address_fails_at_start_with_a_clear_error (bind part)") {
         return Ok(());
     }
-    let lab = VmLab::new("badmetrics", 0)?;
+    let lab = VmLab::new(PREFIX, "badmetrics", 0)?;
     let out = lab
         .host
         .command(agent_bin())

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use integration_tests::{Agent, NetNs, is_port_state, skip_unless_root};
+use integration_tests::{Agent, NetNs, PREFIX, is_port_state, skip_unless_root};
 use serde_json::Value;
 
 /// Twice the 2 s forward delay, with ample margin for a loaded CI machine.
@@ -14,8 +14,8 @@ fn port_walks_listening_learning_forwarding_and_other_namespaces_stay_out() -> a
     if skip_unless_root("port_walks_listening_learning_forwarding_and_other_namespaces_stay_out") {
         return Ok(());
     }
-    let lab = NetNs::new("watch")?;
-    let other = NetNs::new("other")?;
+    let lab = NetNs::new(PREFIX, "watch")?;
+    let other = NetNs::new(PREFIX, "other")?;
     lab.stp_bridge("br0")?;
     other.stp_bridge("br0")?;
 
@@ -191,7 +191,7 @@ fn membership_and_stp_changes_name_the_process_that_made_them() -> anyhow::Resul
     if skip_unless_root(test) {
         return Ok(());
     }
-    let lab = NetNs::new("actor")?;
+    let lab = NetNs::new(PREFIX, "actor")?;
     lab.stp_bridge("br0")?;
     let mut agent = Agent::watch(&lab, &[])?;
     let join_tier = agent.tier("join").unwrap_or_default();
