@@ -18,12 +18,39 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn temp_file(name: &str, text: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("bgt-{}-files", std::process::id()));
+/// A file in a directory of its own (the name matters: systemd reads a unit's name from it),
+/// both removed on drop.
+struct TempFile(PathBuf);
+
+impl std::ops::Deref for TempFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempFile {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn temp_file(name: &str, text: &str) -> anyhow::Result<TempFile> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("bgt-{}-{n}-files", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(name);
     std::fs::write(&path, text)?;
-    Ok(path)
+    Ok(TempFile(path))
 }
 
 #[test]
