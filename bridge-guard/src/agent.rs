@@ -93,6 +93,8 @@ pub struct Agent {
     /// Transitions seen but not yet accounted and logged, with their cause.
     unlogged: Vec<(Transition, &'static str)>,
     dirty: bool,
+    /// Our own pid, to recognise our repairs in eBPF's actors (`process::id` is a syscall).
+    pid: u32,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -157,6 +159,7 @@ impl Agent {
             accounting: Arc::new(Mutex::new(Accounting::default())),
             lost_seen: 0,
             unlogged: Vec::new(),
+            pid: std::process::id(),
             dirty: true,
         })
         .inspect(|agent| {
@@ -222,6 +225,7 @@ impl Agent {
             .as_ref()
             .map(|(n, every)| (Arc::clone(n), tokio::time::interval(*every)));
         let mut batch = Vec::new();
+        let mut notices = Vec::new();
         let mut publish_at: Option<Instant> = None;
         loop {
             let now = monotonic_ns();
@@ -243,28 +247,7 @@ impl Agent {
                 () = &mut shutdown => break,
                 r = ebpf_next => r.map_err(AgentError::Ring)?,
                 ev = netlink::next_event(&mut self.netlink.notifications) => {
-                    match ev.ok_or(AgentError::NetlinkClosed)? {
-                        NetlinkEvent::Overrun => {
-                            tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
-                            self.resync().await?;
-                        }
-                        ev => {
-                            self.apply_netlink(ev);
-                            // Plan on the kernel's latest word: everything already queued
-                            // (a bridge deletion is a burst: each port detached, then the
-                            // bridge gone) is applied before any repair is chosen.
-                            while let Ok((msg, _)) = self.netlink.notifications.try_recv() {
-                                match netlink::decode(&msg) {
-                                    Some(NetlinkEvent::Overrun) => {
-                                        tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
-                                        self.resync().await?;
-                                    }
-                                    Some(ev) => self.apply_netlink(ev),
-                                    None => {}
-                                }
-                            }
-                        }
-                    }
+                    notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
                 }
                 _ = tick.tick() => self.resync().await?,
                 () = async {
@@ -300,6 +283,19 @@ impl Agent {
             }
             // A repair's latency counts from here: the moment the agent heard of the fault.
             let woke = monotonic_ns();
+            // Plan on the kernel's latest word: whatever either source already queued is
+            // applied before any repair is chosen (a bridge going down is a burst, each port
+            // then the bridge, and eBPF usually tells of the ports before netlink of the
+            // bridge). eBPF first: it reports a change as it happens, netlink after it.
+            // One turn of the scheduler first: woken by the ring buffer, this task runs before
+            // the netlink connection's task has read the socket it shares a wakeup with.
+            tokio::task::yield_now().await;
+            if let Some(ev) = self.events.as_mut() {
+                ev.drain(&mut batch);
+            }
+            while let Ok((msg, _)) = self.netlink.notifications.try_recv() {
+                notices.extend(netlink::decode(&msg));
+            }
             if !batch.is_empty() {
                 *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
                 // Events the kernel could not queue mean the model may have missed a change.
@@ -323,6 +319,17 @@ impl Agent {
                     }
                     Err(e) => tracing::warn!("undecodable eBPF event: {e}"),
                 }
+            }
+            let mut overrun = false;
+            for ev in notices.drain(..) {
+                match ev {
+                    NetlinkEvent::Overrun => overrun = true,
+                    ev => self.apply_netlink(ev),
+                }
+            }
+            if overrun {
+                tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
+                self.resync().await?;
             }
             self.reconcile(woke).await;
             // Publishing (state file, textfile) waits a little and coalesces: it must never
@@ -411,7 +418,7 @@ impl Agent {
 
     /// Why a transition happened, for logs: the STP timer, one of our repairs, or someone else.
     fn cause(&self, t: &Transition) -> &'static str {
-        let ours = std::process::id();
+        let ours = self.pid;
         match &t.actor {
             Some(Actor::StpTimer) => "stp_timer",
             Some(Actor::Task { pid, .. }) if *pid == ours => "repair",

@@ -48,6 +48,14 @@ impl EventStream {
         Ok(())
     }
 
+    /// Appends every record available now to `out`, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Result<KernelEvent, DecodeError>>) {
+        let ring = self.ring.get_mut();
+        while let Some(record) = ring.next() {
+            out.push(KernelEvent::decode(&record));
+        }
+    }
+
     /// Events the kernel could not write because the buffer was full, summed over CPUs.
     pub fn lost(&self) -> u64 {
         self.lost
