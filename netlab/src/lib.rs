@@ -50,8 +50,9 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         .output()
         .with_context(|| format!("cannot start {cmd:?}"))?;
     if !out.status.success() {
+        // On a line of its own: apt's and rustup's run to several lines.
         bail!(
-            "{cmd:?} failed: {}: {}",
+            "{cmd:?} failed: {}\n{}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );

@@ -27,19 +27,7 @@ pub fn tools_dir() -> Result<PathBuf> {
 }
 
 /// Runs `cmd` and returns its stdout; its stderr in the error if it fails.
-pub(crate) fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd
-        .output()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+pub(crate) use netlab::run as output;
 
 fn step(what: &str) {
     eprintln!("setup: {what}");
