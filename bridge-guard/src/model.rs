@@ -76,11 +76,10 @@ pub struct Model {
     /// port state in a netlink notification is older news: the message was built before the
     /// hook's events were read, and must not undo them.
     kernel_port_states: bool,
-    /// Kernel port states of links not known yet (the event beat the link's notification).
-    early_states: BTreeMap<u32, PortState>,
     /// The latest port state eBPF saw per port ifindex, with the kernel's time and actor, until
     /// netlink shows the model that state: a new port's first states often reach the ring
-    /// buffer before the notification that enslaved it, when the model cannot track it yet.
+    /// buffer before the notification that enslaved it, or made it known at all, when the
+    /// model cannot track it yet.
     stamps: BTreeMap<u32, Stamp>,
 }
 
@@ -195,7 +194,6 @@ impl Model {
             .values()
             .map(|l| (l.name.clone(), l.ifindex))
             .collect();
-        self.early_states.clear();
         self.refresh(now, Clock::Netlink, None)
     }
 
@@ -205,7 +203,8 @@ impl Model {
                 if self.kernel_port_states {
                     let kernel = match self.links.get(&snap.ifindex) {
                         Some(old) => old.port_state,
-                        None => self.early_states.remove(&snap.ifindex),
+                        // The event beat the link's first notification.
+                        None => self.stamps.get(&snap.ifindex).map(|s| s.state),
                     };
                     snap.port_state = snap.master.and(kernel.or(snap.port_state));
                 }
@@ -253,11 +252,8 @@ impl Model {
                         actor: ev.actor.clone(),
                     },
                 );
-                match self.links.get_mut(&ev.port_ifindex) {
-                    Some(l) => l.port_state = Some(state),
-                    None => {
-                        self.early_states.insert(ev.port_ifindex, state);
-                    }
+                if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
+                    l.port_state = Some(state);
                 }
             }
             Change::Join => {
