@@ -43,10 +43,10 @@ pub fn results(r: &Report) -> String {
                 } else {
                     String::new()
                 },
-                cell_text(c.median_ns, c.not_healed, r.settings.timeout_s),
-                cell_text(c.p99_ns, c.not_healed, r.settings.timeout_s),
-                cell_text(c.max_ns, c.not_healed, r.settings.timeout_s),
-                ratio(c.speedup_vs_shell),
+                cell_text(c.outage.median_ns, c.not_healed, r.settings.timeout_s),
+                cell_text(c.outage.p99_ns, c.not_healed, r.settings.timeout_s),
+                cell_text(c.outage.max_ns, c.not_healed, r.settings.timeout_s),
+                ratio(c.outage.speedup_vs_shell),
                 cell_text(c.after_fault.median_ns, c.not_healed, r.settings.timeout_s),
                 cell_text(c.after_fault.p99_ns, c.not_healed, r.settings.timeout_s),
                 ratio(c.after_fault.speedup_vs_shell),

@@ -59,18 +59,16 @@ pub struct Cell {
     pub contender: Contender,
     pub trials: usize,
     pub not_healed: usize,
-    /// `None` where the rank falls on a fault that was not healed.
-    pub median_ns: Option<u64>,
-    pub p99_ns: Option<u64>,
-    pub max_ns: Option<u64>,
-    /// Shell guard's median ÷ this median: how many times faster than the shell guard.
-    pub speedup_vs_shell: Option<f64>,
+    /// The outage from injection (its fields stay at the top level of the JSON).
+    #[serde(flatten)]
+    pub outage: Spread,
     /// The same statistics of [`Trial::after_fault_ns`].
     #[serde(default)]
     pub after_fault: Spread,
 }
 
-/// Median, p99 and max of one measure, and the shell guard's median ÷ this median.
+/// Median, p99 and max of one measure, and the shell guard's median ÷ this median: how many
+/// times faster than the shell guard. `None` where the rank falls on a fault not healed.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Spread {
     pub median_ns: Option<u64>,
@@ -83,8 +81,8 @@ impl Spread {
     /// From values sorted with not-healed ones (None) last.
     fn of(sorted: &[Option<u64>]) -> Self {
         Self {
-            median_ns: rank(sorted, 50.0).flatten(),
-            p99_ns: rank(sorted, 99.0).flatten(),
+            median_ns: stats::nearest_rank(sorted, 50.0).flatten(),
+            p99_ns: stats::nearest_rank(sorted, 99.0).flatten(),
             max_ns: sorted.last().copied().flatten(),
             speedup_vs_shell: None,
         }
@@ -152,18 +150,6 @@ pub struct Report {
     pub shell_monitor_loop: String,
 }
 
-/// Sorted outages with not-healed ones (None) last; the nearest-rank sample at `p`.
-fn rank(sorted: &[Option<u64>], p: f64) -> Option<Option<u64>> {
-    #[expect(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "a rank within the slice"
-    )]
-    let r = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted.get(r.clamp(1, sorted.len().max(1)) - 1).copied()
-}
-
 pub fn cells(trials: &[Trial], vms: &[usize]) -> Vec<Cell> {
     let mut out = Vec::new();
     for &n in vms {
@@ -178,17 +164,13 @@ pub fn cells(trials: &[Trial], vms: &[usize]) -> Vec<Cell> {
                     continue;
                 }
                 let v = sorted(these.iter().map(|t| t.outage_ns).collect());
-                let whole = Spread::of(&v);
                 row.push(Cell {
                     vms: n,
                     fault,
                     contender: c,
                     trials: v.len(),
                     not_healed: v.iter().filter(|o| o.is_none()).count(),
-                    median_ns: whole.median_ns,
-                    p99_ns: whole.p99_ns,
-                    max_ns: whole.max_ns,
-                    speedup_vs_shell: None,
+                    outage: Spread::of(&v),
                     after_fault: Spread::of(&sorted(
                         these.iter().map(|t| t.after_fault_ns()).collect(),
                     )),
@@ -196,11 +178,11 @@ pub fn cells(trials: &[Trial], vms: &[usize]) -> Vec<Cell> {
             }
             let shell = row.iter().find(|c| c.contender == Contender::Shell);
             let (shell, shell_after) = (
-                shell.and_then(|c| c.median_ns),
+                shell.and_then(|c| c.outage.median_ns),
                 shell.and_then(|c| c.after_fault.median_ns),
             );
             for c in &mut row {
-                c.speedup_vs_shell = speedup(shell, c.median_ns);
+                c.outage.speedup_vs_shell = speedup(shell, c.outage.median_ns);
                 c.after_fault.speedup_vs_shell = speedup(shell_after, c.after_fault.median_ns);
             }
             out.extend(row);
@@ -233,24 +215,29 @@ pub fn targets(cells: &[Cell], pipeline: Option<&Pipeline>) -> Vec<Target> {
     let mut t = vec![
         verdict(
             "bridge-guard median outage < 1 ms on every fault",
-            misses(&|c| c.median_ns.is_some_and(|m| m < 1_000_000), &|c| {
-                format!("median {}", fmt(c.median_ns))
-            }),
+            misses(
+                &|c| c.outage.median_ns.is_some_and(|m| m < 1_000_000),
+                &|c| format!("median {}", fmt(c.outage.median_ns)),
+            ),
             "met on every fault and lab size",
         ),
         verdict(
             "bridge-guard p99 outage < 5 ms on every fault",
-            misses(&|c| c.p99_ns.is_some_and(|m| m < 5_000_000), &|c| {
-                format!("p99 {}", fmt(c.p99_ns))
+            misses(&|c| c.outage.p99_ns.is_some_and(|m| m < 5_000_000), &|c| {
+                format!("p99 {}", fmt(c.outage.p99_ns))
             }),
             "met on every fault and lab size",
         ),
         verdict(
             "bridge-guard ≥ 30× faster than the shell guard's median on every fault",
-            misses(&|c| c.speedup_vs_shell.is_some_and(|s| s >= 30.0), &|c| {
-                c.speedup_vs_shell
-                    .map_or_else(|| "no ratio".to_owned(), |s| format!("{s:.1}×"))
-            }),
+            misses(
+                &|c| c.outage.speedup_vs_shell.is_some_and(|s| s >= 30.0),
+                &|c| {
+                    c.outage
+                        .speedup_vs_shell
+                        .map_or_else(|| "no ratio".to_owned(), |s| format!("{s:.1}×"))
+                },
+            ),
             "met on every fault and lab size",
         ),
         verdict(
@@ -378,14 +365,14 @@ mod tests {
             .iter()
             .find(|c| c.contender == Contender::BridgeGuard)
             .expect("a bridge-guard cell");
-        assert_eq!(bg.median_ns, Some(2_000_000));
-        assert_eq!(bg.max_ns, Some(3_000_000));
-        assert_eq!(bg.speedup_vs_shell, Some(10.0));
+        assert_eq!(bg.outage.median_ns, Some(2_000_000));
+        assert_eq!(bg.outage.max_ns, Some(3_000_000));
+        assert_eq!(bg.outage.speedup_vs_shell, Some(10.0));
         let none = cells
             .iter()
             .find(|c| c.contender == Contender::None)
             .expect("a no-guard cell");
-        assert_eq!((none.not_healed, none.median_ns), (1, None));
+        assert_eq!((none.not_healed, none.outage.median_ns), (1, None));
         // After the fault was in place: less its last step or first sighting, the later.
         let mut t = trial(Contender::BridgeGuard, Some(5_000_000));
         t.last_step_ns = 1_000_000;

@@ -2,6 +2,11 @@
 
 /// Nearest-rank percentile of sorted `v` (`p` in 0..=100): with 20 samples, p99 is the maximum.
 pub fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    nearest_rank(sorted, p)
+}
+
+/// The nearest-rank sample at `p` of any sorted slice (e.g. outages, not-healed ones last).
+pub fn nearest_rank<T: Copy>(sorted: &[T], p: f64) -> Option<T> {
     if sorted.is_empty() {
         return None;
     }

@@ -83,7 +83,7 @@ pub fn chart(cells: &[Cell], vms: &[usize], timeout_s: u64) -> String {
             #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
             let x = gx + BAR_W * ci as f64;
             let base = TOP + PLOT_H;
-            match cell.median_ns {
+            match cell.outage.median_ns {
                 Some(m) => {
                     let top = y(m);
                     let _ = writeln!(
@@ -112,13 +112,17 @@ pub fn chart(cells: &[Cell], vms: &[usize], timeout_s: u64) -> String {
                     );
                 }
             }
-            if let Some(p) = cell.p99_ns.filter(|_| cell.median_ns.is_some()) {
+            if let Some(p) = cell
+                .outage
+                .p99_ns
+                .filter(|_| cell.outage.median_ns.is_some())
+            {
                 let cx = x + (BAR_W - 2.0) / 2.0;
                 let _ = writeln!(
                     s,
                     r##"<line x1="{cx:.1}" y1="{:.1}" x2="{cx:.1}" y2="{:.1}" stroke="#222"/><line x1="{:.1}" y1="{:.1}" x2="{:.1}" y2="{:.1}" stroke="#222"/>"##,
                     y(p),
-                    y(cell.median_ns.unwrap_or(p)),
+                    y(cell.outage.median_ns.unwrap_or(p)),
                     cx - 3.0,
                     y(p),
                     cx + 3.0,
