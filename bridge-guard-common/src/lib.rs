@@ -161,9 +161,55 @@ impl Offsets {
 /// `IFF_EBRIDGE` in `net_device.priv_flags`: the device is a bridge.
 pub const IFF_EBRIDGE: u32 = 1 << 1;
 
+/// MAC flapping, as the `br_fdb_update` program judges it. A MAC address that moves between
+/// ports of one bridge [`fdb::FLAP_MOVES`] times within [`fdb::FLAP_WINDOW_NS`] is reported (at
+/// most once per [`fdb::REPORT_EVERY_NS`] per address): in a layer-2 loop every frame comes
+/// back on the loop's ports, so its source address moves at once and again and again, while a
+/// VM that migrates or a bond that fails over moves an address once.
+pub mod fdb {
+    pub const FLAP_MOVES: u32 = 3;
+    pub const FLAP_WINDOW_NS: u64 = 1_000_000_000;
+    pub const REPORT_EVERY_NS: u64 = 50_000_000;
+    /// Addresses tracked (LRU: the least recently moved are forgotten first).
+    pub const TRACKED: u32 = 16_384;
+    /// Indexes into the `FDB_COUNTERS` per-CPU array.
+    pub mod counter {
+        /// Reports that did not fit in `FDB_EVENTS`.
+        pub const LOST: u32 = 0;
+        /// Updates the program could not judge: a kernel read failed.
+        pub const READ_FAILED: u32 = 1;
+        pub const LEN: u32 = 2;
+    }
+}
+
+/// One MAC address flapping between two ports of a bridge, as written to `FDB_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FdbFlap {
+    /// `bpf_ktime_get_ns()` of the move that crossed the threshold.
+    pub ktime_ns: u64,
+    /// Inode number of the bridge's network namespace.
+    pub netns: u32,
+    pub bridge_ifindex: u32,
+    /// Where the address was just learned.
+    pub port_ifindex: u32,
+    /// Where it was learned before.
+    pub prev_ifindex: u32,
+    /// Moves within the current window.
+    pub moves: u32,
+    pub vid: u16,
+    pub mac: [u8; 6],
+    pub _reserved: [u8; 4],
+}
+
+impl FdbFlap {
+    pub const SIZE: usize = size_of::<Self>();
+}
+
 // No implicit padding: the sum of the fields must be the size of the struct.
 const _: () = assert!(Event::SIZE == 8 + 4 * 4 + 5 + 3 + 16 * 3);
 const _: () = assert!(size_of::<Offsets>() == 12 * 4);
+const _: () = assert!(FdbFlap::SIZE == 8 + 5 * 4 + 2 + 6 + 4);
 
 #[cfg(feature = "user")]
 mod user {
@@ -171,4 +217,5 @@ mod user {
     // (asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::Offsets {}
+    unsafe impl aya::Pod for super::FdbFlap {}
 }

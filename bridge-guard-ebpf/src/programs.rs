@@ -57,14 +57,14 @@ const FN_LINK: u64 = 2;
 const FN_STP: u64 = 3;
 
 #[inline(always)]
-fn offsets() -> Offsets {
+pub(crate) fn offsets() -> Offsets {
     // SAFETY: a plain read of a global the loader rewrote; volatile so the compiler does not
     // fold in the compile-time default.
     unsafe { core::ptr::read_volatile(&OFFSETS) }
 }
 
 #[inline(always)]
-fn read<T>(base: u64, off: u32) -> Option<T> {
+pub(crate) fn read<T>(base: u64, off: u32) -> Option<T> {
     if base == 0 || off == ABSENT {
         return None;
     }
@@ -103,12 +103,18 @@ fn timer_context() -> bool {
     IN_TIMER.get(0).is_some_and(|t| t[0] != 0)
 }
 
+/// Whether events from network namespace `netns` are reported.
+#[inline(always)]
+pub(crate) fn watched(netns: u32) -> bool {
+    // SAFETY: plain read of a loader-set global, as in `offsets`.
+    let filter = unsafe { core::ptr::read_volatile(&NETNS_FILTER) };
+    filter == 0 || netns == filter
+}
+
 /// Stamps and sends `ev`, unless it belongs to a network namespace the agent does not watch.
 #[inline(always)]
 fn emit(ev: &mut Event, from_timer: bool) {
-    // SAFETY: plain read of a loader-set global, as in `offsets`.
-    let filter = unsafe { core::ptr::read_volatile(&NETNS_FILTER) };
-    if filter != 0 && ev.netns != filter {
+    if !watched(ev.netns) {
         return;
     }
     ev.ktime_ns = unsafe { bpf_ktime_get_ns() };

@@ -153,6 +153,8 @@ pub struct Accounting {
     pub ringbuf_lost: u64,
     /// (hook, tier).
     pub hooks: Vec<(String, String)>,
+    /// (bridge, port, evidence kind) -> ports taken out of forwarding for a loop.
+    pub loops_detected: BTreeMap<(String, String, &'static str), u64>,
 }
 
 impl Accounting {
@@ -241,6 +243,14 @@ impl Accounting {
                 acc.repairs += 1;
             }
         }
+    }
+
+    /// Counts a port taken out of forwarding for a loop.
+    pub fn on_loop_detected(&mut self, bridge: &str, port: &str, evidence: &'static str) {
+        *self
+            .loops_detected
+            .entry((bridge.to_owned(), port.to_owned(), evidence))
+            .or_default() += 1;
     }
 
     /// Updates a bridge's carrier and STP mode; a carrier change closes the open interval.

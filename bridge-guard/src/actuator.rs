@@ -41,14 +41,12 @@ impl ActuatorError {
     }
 }
 
-fn stp_off(bridge_ifindex: u32) -> LinkMessage {
+fn stp_state(bridge_ifindex: u32, state: BridgeStpState) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = bridge_ifindex;
     msg.attributes.push(LinkAttribute::LinkInfo(vec![
         LinkInfo::Kind(InfoKind::Bridge),
-        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::StpState(
-            BridgeStpState::Disabled,
-        )])),
+        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::StpState(state)])),
     ]));
     msg
 }
@@ -87,7 +85,14 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, Actuator
                 .await
         }
         Action::StpOff { bridge_ifindex, .. } => {
-            link.change(stp_off(*bridge_ifindex)).execute().await
+            link.change(stp_state(*bridge_ifindex, BridgeStpState::Disabled))
+                .execute()
+                .await
+        }
+        Action::StpOn { bridge_ifindex, .. } => {
+            link.change(stp_state(*bridge_ifindex, BridgeStpState::KernelStp))
+                .execute()
+                .await
         }
         Action::Enslave {
             bridge_ifindex,
@@ -106,6 +111,15 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, Actuator
             link.set_port(
                 LinkBridgePort::new(*port_ifindex)
                     .state(BridgePortState::Forwarding)
+                    .build(),
+            )
+            .execute()
+            .await
+        }
+        Action::HoldDown { port_ifindex, .. } => {
+            link.set_port(
+                LinkBridgePort::new(*port_ifindex)
+                    .state(BridgePortState::Disabled)
                     .build(),
             )
             .execute()

@@ -18,7 +18,9 @@ use crate::{
     actuator,
     backoff::Backoff,
     event::{Actor, PortState},
-    exposition, membership,
+    exposition,
+    loop_guard::LoopGuard,
+    membership,
     model::{Ktime, Model, Transition},
     planner::{self, Action, Guard, Refusal},
     sources::{
@@ -95,6 +97,8 @@ pub struct Agent {
     dirty: bool,
     /// Our own pid, to recognise our repairs in eBPF's actors (`process::id` is a syscall).
     pid: u32,
+    /// Loop protection, and what the planner needs from beyond the model.
+    loops: LoopGuard,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -133,6 +137,7 @@ impl Agent {
                 ),
             }
         }
+        let mut loops = LoopGuard::new(&cfg.guards, probes.as_mut());
         let mut model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
         model.trust_kernel_port_states(probes.as_ref().is_some_and(complete_port_states));
         // A restarted agent must not forget a tap detached while it was down: the previous
@@ -141,6 +146,9 @@ impl Agent {
             for b in &previous.bridges {
                 for p in &b.ports {
                     model.remember(&b.name, &p.name);
+                }
+                if b.stp_off_by_agent {
+                    loops.restore_stp_off(&b.name);
                 }
             }
         }
@@ -161,6 +169,7 @@ impl Agent {
             unlogged: Vec::new(),
             pid: std::process::id(),
             dirty: true,
+            loops,
         })
         .inspect(|agent| {
             let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
@@ -203,6 +212,7 @@ impl Agent {
         for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
             self.model.remember(&bridge, &port);
         }
+        self.loops.resync(&self.netlink.handle, &self.model).await;
         self.record_transitions(&transitions);
         self.reconcile(monotonic_ns()).await;
         Ok(())
@@ -280,6 +290,7 @@ impl Agent {
                         None => std::future::pending().await,
                     }
                 } => {}
+                () = self.loops.wait() => {}
             }
             // A repair's latency counts from here: the moment the agent heard of the fault.
             let woke = monotonic_ns();
@@ -330,6 +341,10 @@ impl Agent {
             if overrun {
                 tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
                 self.resync().await?;
+            }
+            for d in self.loops.update(&self.model, monotonic_ns()) {
+                self.acc().on_loop_detected(&d.bridge, &d.port, d.evidence.kind());
+                self.dirty = true;
             }
             self.reconcile(woke).await;
             // Publishing (state file, textfile) waits a little and coalesces: it must never
@@ -427,9 +442,10 @@ impl Agent {
                 Action::Enslave { port, .. } => {
                     *port == t.port && t.from == Some(PortState::Detached)
                 }
-                Action::BridgeUp { bridge, .. } | Action::StpOff { bridge, .. } => {
-                    *bridge == t.bridge
-                }
+                Action::HoldDown { port, .. } => *port == t.port,
+                Action::BridgeUp { bridge, .. }
+                | Action::StpOff { bridge, .. }
+                | Action::StpOn { bridge, .. } => *bridge == t.bridge,
             }) =>
             {
                 "repair"
@@ -496,7 +512,13 @@ impl Agent {
                 ),
                 None,
             ),
-            Action::Enslave { bridge, port, .. } | Action::Forward { bridge, port, .. } => {
+            Action::StpOn { bridge, .. } => (
+                format!("a NIC or tunnel joined {bridge} after bridge-guard turned its STP off"),
+                None,
+            ),
+            Action::Enslave { bridge, port, .. }
+            | Action::Forward { bridge, port, .. }
+            | Action::HoldDown { bridge, port, .. } => {
                 let track = self.model.track(port);
                 let state = track.map_or("unknown", |t| t.state.as_str());
                 (
@@ -536,7 +558,12 @@ impl Agent {
                 );
             }
         }
-        let plan = planner::plan(&self.model, &self.cfg.guards);
+        for l in self.loops.refresh(&self.netlink.handle, &self.model).await {
+            let t = self.model.apply_netlink(NetlinkEvent::Link(l), monotonic_ns());
+            self.record_transitions(&t);
+        }
+        let ctx = self.loops.context(&self.model);
+        let plan = planner::plan(&self.model, &self.cfg.guards, &ctx);
         for r in &plan.refusals {
             if self.logged_refusals.insert(r.clone()) {
                 tracing::warn!(bridge = %r.bridge, "refused: {}", r.reason);
@@ -589,6 +616,7 @@ impl Agent {
                     self.record_transitions(&t);
                 }
                 Ok(actuator::Applied::Done) => {
+                    self.loops.applied(&action);
                     self.acc().on_repair(
                         action.bridge(),
                         action.port(),
@@ -695,6 +723,8 @@ impl Agent {
                         .map(|r| r.reason.clone())
                         .collect(),
                     repairs: self.repairs.get(&g.bridge).copied().unwrap_or(0),
+                    stp_off_by_agent: self.loops.turned_stp_off(&g.bridge),
+                    loops: self.loops.status(&g.bridge, unix),
                     ports: self
                         .model
                         .tracks()

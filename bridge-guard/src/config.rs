@@ -57,6 +57,7 @@ pub struct BridgeFile {
     pub reattach: Option<bool>,
     pub keep_up: Option<bool>,
     pub allow_unsafe: Option<bool>,
+    pub loop_protect: Option<bool>,
     #[serde(default)]
     pub ports: Vec<Spanned<String>>,
 }
@@ -282,6 +283,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
                 keep_up: b.keep_up.unwrap_or(dp.keep_up),
                 allow_unsafe: b.allow_unsafe.unwrap_or(dp.allow_unsafe),
                 port_patterns: patterns,
+                loop_protect: b.loop_protect.unwrap_or(dp.loop_protect),
             },
         });
     }
@@ -344,6 +346,7 @@ mod tests {
         assert_eq!(s.guards[0].bridge, "virbr0");
         assert_eq!(s.guards[0].policy.port_patterns, ["vnet*"]);
         assert!(s.guards[0].policy.stp_off && !s.guards[0].policy.allow_unsafe);
+        assert!(s.guards[0].policy.loop_protect);
         assert_eq!(s.metrics, Some(SocketAddr::from(([127, 0, 0, 1], 9558))));
     }
 
@@ -352,7 +355,7 @@ mod tests {
         let s = parse(
             Path::new("x"),
             "observe = true\nlog_format = \"json\"\nsummary_interval_secs = 30\nmetrics = \"9000\"\n\
-             [bridges.br0]\nstp_off = false\nports = [\"tap?\"]\n[bridges.virbr0]\n",
+             [bridges.br0]\nstp_off = false\nports = [\"tap?\"]\n[bridges.virbr0]\nloop_protect = false\n",
         )
         .expect("parses");
         assert!(s.observe);
@@ -362,6 +365,7 @@ mod tests {
         assert_eq!(s.guards.len(), 2);
         assert!(!s.guards[0].policy.stp_off);
         assert!(s.guards[1].policy.stp_off, "defaults per bridge");
+        assert!(s.guards[0].policy.loop_protect && !s.guards[1].policy.loop_protect);
     }
 
     #[test]

@@ -276,6 +276,18 @@ pub fn render(acc: &Accounting, now: Ktime) -> String {
             1.0,
         );
     }
+    o.family(
+        "bridge_guard_loops_detected_total",
+        "counter",
+        "Ports taken out of forwarding by loop protection, by what showed the loop (probe, bpdu, mac_flap).",
+    );
+    for ((bridge, port, evidence), n) in &acc.loops_detected {
+        o.sample(
+            "bridge_guard_loops_detected_total",
+            &[("bridge", bridge), ("port", port), ("evidence", evidence)],
+            f(*n),
+        );
+    }
     o.0
 }
 

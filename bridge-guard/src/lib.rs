@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod event;
 pub mod exposition;
+pub mod loop_guard;
 pub mod membership;
 pub mod model;
 pub mod planner;

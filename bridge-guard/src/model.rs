@@ -509,7 +509,7 @@ pub(crate) mod tests {
             lower: None,
             switchdev: false,
             port_state: master.map(|_| PortState::Forwarding),
-            stp: None,
+            ..LinkSnapshot::default()
         }
     }
 

@@ -1,12 +1,20 @@
 //! The planner: a pure function from the model and each bridge's policy to the repairs to make
 //! and the repairs refused (with why). No I/O, no clock: unit-tested without root.
 
-use std::fmt;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
 
 use serde::Serialize;
 
 use crate::{
     event::{PortState, StpMode},
+    loop_guard::{
+        hazards::{Remote, port_hazard},
+        holds::Verdict,
+        stp::stp_loop,
+    },
     model::Model,
     sources::netlink::{LinkKind, LinkSnapshot},
 };
@@ -21,8 +29,11 @@ pub struct Policy {
     /// Repair even where it could create a loop or fight an owner (physical NIC, tunnel port,
     /// switchdev, user-space STP). For those who know their topology.
     pub allow_unsafe: bool,
-    /// Glob patterns (`*`, `?`) of port names that always belong to this bridge.
+    /// Glob patterns (`*`, `?`) of the port names that may be remembered as this bridge's
+    /// members (none: every port seen on it). A pattern never makes a port a member.
     pub port_patterns: Vec<String>,
+    /// Loop protection while STP is off (probes, BPDU guard, MAC flapping; `loop_guard`).
+    pub loop_protect: bool,
 }
 
 impl Default for Policy {
@@ -34,6 +45,7 @@ impl Default for Policy {
             keep_up: true,
             allow_unsafe: false,
             port_patterns: Vec::new(),
+            loop_protect: true,
         }
     }
 }
@@ -68,6 +80,18 @@ pub enum Action {
         port: String,
         port_ifindex: u32,
     },
+    /// Kernel STP back on: a hazard joined a bridge whose STP bridge-guard had turned off.
+    StpOn {
+        bridge: String,
+        bridge_ifindex: u32,
+    },
+    /// Out of forwarding for a loop (port state disabled: with STP off, the kernel turns a
+    /// port set to blocking straight back to forwarding; disabled it leaves alone).
+    HoldDown {
+        bridge: String,
+        port: String,
+        port_ifindex: u32,
+    },
 }
 
 impl Action {
@@ -97,6 +121,15 @@ impl Action {
                 port,
                 port_ifindex,
             } => format!("forward:{bridge}:{port}@{port_ifindex}"),
+            Self::StpOn {
+                bridge,
+                bridge_ifindex,
+            } => format!("stp-on:{bridge}@{bridge_ifindex}"),
+            Self::HoldDown {
+                bridge,
+                port,
+                port_ifindex,
+            } => format!("hold-down:{bridge}:{port}@{port_ifindex}"),
         }
     }
 
@@ -107,14 +140,18 @@ impl Action {
             Self::StpOff { .. } => "stp_off",
             Self::Enslave { .. } => "reattach",
             Self::Forward { .. } => "force_forwarding",
+            Self::StpOn { .. } => "stp_on",
+            Self::HoldDown { .. } => "loop_hold_down",
         }
     }
 
     /// The port a repair is about, if any.
     pub fn port(&self) -> Option<&str> {
         match self {
-            Self::Enslave { port, .. } | Self::Forward { port, .. } => Some(port),
-            Self::BridgeUp { .. } | Self::StpOff { .. } => None,
+            Self::Enslave { port, .. }
+            | Self::Forward { port, .. }
+            | Self::HoldDown { port, .. } => Some(port),
+            Self::BridgeUp { .. } | Self::StpOff { .. } | Self::StpOn { .. } => None,
         }
     }
 
@@ -123,7 +160,9 @@ impl Action {
             Self::BridgeUp { bridge, .. }
             | Self::StpOff { bridge, .. }
             | Self::Enslave { bridge, .. }
-            | Self::Forward { bridge, .. } => bridge,
+            | Self::Forward { bridge, .. }
+            | Self::StpOn { bridge, .. }
+            | Self::HoldDown { bridge, .. } => bridge,
         }
     }
 
@@ -146,6 +185,13 @@ impl Action {
             Self::Forward { port_ifindex, .. } => model
                 .link(*port_ifindex)
                 .is_some_and(|l| l.port_state == Some(PortState::Forwarding)),
+            Self::StpOn { bridge_ifindex, .. } => model
+                .link(*bridge_ifindex)
+                .is_some_and(|l| l.stp == Some(StpMode::Kernel)),
+            // Out of forwarding either way: disabled, or without carrier.
+            Self::HoldDown { port_ifindex, .. } => model
+                .link(*port_ifindex)
+                .is_none_or(|l| l.port_state != Some(PortState::Forwarding)),
         }
     }
 }
@@ -157,6 +203,10 @@ impl fmt::Display for Action {
             Self::StpOff { bridge, .. } => write!(f, "turn STP off on {bridge}"),
             Self::Enslave { bridge, port, .. } => write!(f, "re-attach {port} to {bridge}"),
             Self::Forward { bridge, port, .. } => write!(f, "force {bridge} {port} to forwarding"),
+            Self::StpOn { bridge, .. } => write!(f, "turn STP back on on {bridge}"),
+            Self::HoldDown { bridge, port, .. } => {
+                write!(f, "take {bridge} {port} out of forwarding (loop hold-down)")
+            }
         }
     }
 }
@@ -190,47 +240,55 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(&p, &n)
 }
 
-/// Why repairing a bridge with `port` on it could create a loop or fight an owner.
-fn hazard(port: &LinkSnapshot, model: &Model) -> Option<String> {
-    if port.switchdev {
-        return Some(format!(
-            "{} is a switchdev (hardware-offloaded) port",
-            port.name
-        ));
-    }
-    match &port.kind {
-        LinkKind::Physical => Some(format!("{} is a physical NIC", port.name)),
-        LinkKind::Tunnel(kind) => Some(format!("{} is a {kind} tunnel port", port.name)),
-        LinkKind::Bond => Some(format!("{} is a bond", port.name)),
-        LinkKind::Stacked(kind) => {
-            let lower = port.lower.and_then(|i| model.link(i));
-            match lower {
-                Some(l) if matches!(l.kind, LinkKind::Physical | LinkKind::Bond) => Some(format!(
-                    "{} is a {kind} on {}, which leaves the host",
-                    port.name, l.name
-                )),
-                // A lower device in another namespace is unknown: assume it leaves the host.
-                None if port.lower.is_some() => Some(format!(
-                    "{} is a {kind} on a device outside this namespace",
-                    port.name
-                )),
-                _ => None,
-            }
-        }
-        _ => None,
-    }
+/// What the planner is told beyond the model: loop protection's word on ports, what was found
+/// beyond this namespace, and what bridge-guard itself did before.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Context {
+    /// Per port ifindex (ports without an entry: nothing against forcing them).
+    pub ports: BTreeMap<u32, Verdict>,
+    /// Bridges whose STP bridge-guard turned off: a hazard that joins later turns it back on.
+    pub stp_off_by_us: BTreeSet<String>,
+    /// Where ports lead in other network namespaces (`loop_guard::peers`).
+    pub remote: Remote,
+    /// Per bridge ifindex: ports the kernel lists that netlink could not decode.
+    pub undecoded: BTreeMap<u32, Vec<u32>>,
+    /// Per bridge name: why loop protection cannot run there.
+    pub unprotected: BTreeMap<String, String>,
 }
 
 /// Plans the repairs of every guarded bridge.
-pub fn plan(model: &Model, guards: &[Guard]) -> Plan {
+pub fn plan(model: &Model, guards: &[Guard], ctx: &Context) -> Plan {
     let mut plan = Plan::default();
     for guard in guards {
-        plan_bridge(model, guard, &mut plan);
+        plan_bridge(model, guard, ctx, &mut plan);
     }
     plan
 }
 
-fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
+/// Why repairing this bridge could create a loop or fight an owner.
+fn bridge_hazards(br: &LinkSnapshot, ports: &[&LinkSnapshot], model: &Model, ctx: &Context) -> Vec<String> {
+    let mut hazards: Vec<String> = ports
+        .iter()
+        .filter_map(|p| port_hazard(p, model, &ctx.remote))
+        .collect();
+    for port in ctx.undecoded.get(&br.ifindex).into_iter().flatten() {
+        hazards.push(format!(
+            "port {port} is on it but netlink could not decode it: counted as a hazard"
+        ));
+    }
+    if br.stp == Some(StpMode::User) {
+        hazards.push("user-space STP (mstpd) runs it".to_owned());
+    }
+    if model.mrp(br.ifindex) {
+        hazards.push("MRP runs it (it drives port states itself)".to_owned());
+    }
+    if br.switchdev {
+        hazards.push(format!("{} is offloaded to a switch (switchdev)", br.name));
+    }
+    hazards
+}
+
+fn plan_bridge(model: &Model, guard: &Guard, ctx: &Context, plan: &mut Plan) {
     let policy = &guard.policy;
     let name = guard.bridge.as_str();
     let refuse = |plan: &mut Plan, reason: String| {
@@ -244,30 +302,71 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     };
     let ports: Vec<&LinkSnapshot> = model.ports_of(br.ifindex).collect();
 
-    let mut hazards: Vec<String> = ports.iter().filter_map(|p| hazard(p, model)).collect();
-    if br.stp == Some(StpMode::User) {
-        hazards.push("user-space STP (mstpd) runs it".to_owned());
-    }
-    if model.mrp(br.ifindex) {
-        hazards.push("MRP runs it (it drives port states itself)".to_owned());
-    }
-    if br.switchdev {
-        hazards.push(format!("{name} is offloaded to a switch (switchdev)"));
-    }
+    let hazards = bridge_hazards(br, &ports, model, ctx);
     if !hazards.is_empty() && !policy.allow_unsafe {
-        refuse(
-            plan,
-            format!(
-                "left alone: {}; repairing could create a loop or fight its owner (override: allow_unsafe)",
-                hazards.join(", ")
-            ),
-        );
+        // A hazard that came after bridge-guard turned STP off: STP goes back on, since the
+        // loop protection it relied on ends at this host's edge.
+        if br.stp == Some(StpMode::Off) && ctx.stp_off_by_us.contains(name) {
+            plan.actions.push(Action::StpOn {
+                bridge: name.to_owned(),
+                bridge_ifindex: br.ifindex,
+            });
+            refuse(
+                plan,
+                format!(
+                    "left alone, STP turned back on: {}; it joined after bridge-guard turned STP off, and a loop through it would leave the host (override: allow_unsafe)",
+                    hazards.join(", ")
+                ),
+            );
+        } else {
+            refuse(
+                plan,
+                format!(
+                    "left alone: {}; repairing could create a loop or fight its owner (override: allow_unsafe)",
+                    hazards.join(", ")
+                ),
+            );
+        }
         return;
     }
 
-    // STP off before raising a bridge: ports that come up then go straight to forwarding.
+    let verdict = |p: &LinkSnapshot| ctx.ports.get(&p.ifindex).filter(|_| policy.loop_protect);
+    let oper_up_unprobed = ports
+        .iter()
+        .any(|p| p.oper_up && verdict(p) == Some(&Verdict::Unprobed));
+    let held: Vec<&str> = ports
+        .iter()
+        .filter_map(|p| match verdict(p) {
+            Some(Verdict::Hold { why }) => Some(why.as_str()),
+            _ => None,
+        })
+        .collect();
+
+    // STP off before raising a bridge: ports that come up then go straight to forwarding. Not
+    // while kernel STP shows a loop, nor before loop protection has looked at every port.
     let stp_on = br.stp == Some(StpMode::Kernel);
-    let stp_off_planned = policy.stp_off && stp_on;
+    let mut stp_off_planned = policy.stp_off && stp_on;
+    if stp_off_planned {
+        let loops: Vec<String> = ports.iter().filter_map(|p| stp_loop(p, br, model)).collect();
+        let unprotected = ctx.unprotected.get(name).filter(|_| policy.loop_protect);
+        if !loops.is_empty() {
+            refuse(plan, format!("STP stays on: {}", loops.join("; ")));
+            stp_off_planned = false;
+        } else if !held.is_empty() {
+            refuse(plan, format!("STP stays on: {}", held.join("; ")));
+            stp_off_planned = false;
+        } else if let Some(why) = unprotected {
+            refuse(
+                plan,
+                format!(
+                    "STP stays on: loop protection cannot run ({why}); loop_protect = false turns STP off without it"
+                ),
+            );
+            stp_off_planned = false;
+        } else if oper_up_unprobed {
+            stp_off_planned = false; // Deferred until the probe round ends (milliseconds).
+        }
+    }
     if stp_off_planned {
         plan.actions.push(Action::StpOff {
             bridge: name.to_owned(),
@@ -281,9 +380,45 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
         });
     }
 
+    // With STP off (or on its way off), loop protection decides first: a held port is taken
+    // out and kept out, a released one put back, an unprobed one waits for its probe.
+    let stp_off = br.stp == Some(StpMode::Off) || stp_off_planned;
+    let mut decided: BTreeSet<u32> = BTreeSet::new();
+    if stp_off && br.admin_up {
+        for p in &ports {
+            let action = match verdict(p) {
+                Some(Verdict::Hold { .. })
+                    if p.oper_up && p.port_state != Some(PortState::Disabled) =>
+                {
+                    Some(Action::HoldDown {
+                        bridge: name.to_owned(),
+                        port: p.name.clone(),
+                        port_ifindex: p.ifindex,
+                    })
+                }
+                Some(Verdict::Release)
+                    if policy.force_forwarding
+                        && p.oper_up
+                        && p.port_state != Some(PortState::Forwarding) =>
+                {
+                    Some(Action::Forward {
+                        bridge: name.to_owned(),
+                        port: p.name.clone(),
+                        port_ifindex: p.ifindex,
+                    })
+                }
+                _ => None,
+            };
+            if verdict(p).is_some() {
+                decided.insert(p.ifindex);
+            }
+            plan.actions.extend(action);
+        }
+    }
+
     // Ports of a bridge that is down are disabled and come up by themselves with it.
     if policy.force_forwarding && br.admin_up {
-        for p in &ports {
+        for p in ports.iter().filter(|p| !decided.contains(&p.ifindex)) {
             // Disabled is transient (carrier lost, or leaving the bridge): the kernel enables
             // the port when its carrier returns, straight into forwarding once STP is off.
             let stuck = p.oper_up
@@ -293,6 +428,10 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
                 continue;
             }
             if stp_on && !stp_off_planned {
+                // Said once for the bridge above when STP stays on for a loop or for probes.
+                if policy.stp_off {
+                    continue;
+                }
                 refuse(
                     plan,
                     format!(
@@ -311,18 +450,14 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     }
 
     if policy.reattach {
-        let mut wanted: Vec<&str> = model.members(name).collect();
-        for l in model.links() {
-            if policy
-                .port_patterns
-                .iter()
-                .any(|pat| glob_match(pat, &l.name))
-                && !wanted.contains(&l.name.as_str())
-            {
-                wanted.push(&l.name);
-            }
-        }
-        for port in wanted {
+        // Only members are re-attached: ports seen on this bridge (or named for it by libvirt),
+        // as far as the patterns allow remembering them. A matching name alone is no claim:
+        // libvirt names every network's taps vnetN.
+        let remembered = |port: &str| {
+            policy.port_patterns.is_empty()
+                || policy.port_patterns.iter().any(|pat| glob_match(pat, port))
+        };
+        for port in model.members(name).filter(|p| remembered(p)) {
             let Some(link) = model.link_by_name(port) else {
                 continue;
             };
@@ -330,8 +465,14 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
             {
                 continue; // On this bridge, or on another master (see `moved`): never pulled back.
             }
-            if let Some(h) = hazard(link, model).filter(|_| !policy.allow_unsafe) {
+            if let Some(h) = port_hazard(link, model, &ctx.remote).filter(|_| !policy.allow_unsafe)
+            {
                 refuse(plan, format!("not re-attaching: {h}"));
+                continue;
+            }
+            // Re-attached with STP off, a port forwards at once: not one held for a loop.
+            if let Some(Verdict::Hold { why }) = verdict(link) {
+                refuse(plan, format!("not re-attaching: {why}"));
                 continue;
             }
             plan.actions.push(Action::Enslave {
@@ -360,6 +501,12 @@ mod tests {
         sources::netlink::NetlinkEvent,
     };
 
+    /// A VM's tap, as QEMU opens it.
+    const TAP: LinkKind = LinkKind::Tun {
+        tap: Some(true),
+        vnet_hdr: Some(true),
+    };
+
     fn bridge(ifindex: u32, name: &str, stp: StpMode) -> LinkSnapshot {
         let mut b = link(ifindex, name, LinkKind::Bridge, None);
         b.stp = Some(stp);
@@ -379,18 +526,23 @@ mod tests {
         m
     }
 
+    /// Plans with nothing from loop protection or beyond the model.
+    fn plan(model: &Model, guards: &[Guard]) -> Plan {
+        super::plan(model, guards, &Context::default())
+    }
+
     #[test]
     fn healthy_bridge_needs_nothing() {
         let m = model(vec![
             bridge(7, "br0", StpMode::Off),
-            link(9, "vnet0", LinkKind::Veth, Some(7)),
+            link(9, "vnet0", TAP, Some(7)),
         ]);
         assert_eq!(plan(&m, &guard("br0")), Plan::default());
     }
 
     #[test]
     fn stp_on_with_listening_port_turns_stp_off_then_forces_the_port() {
-        let mut port = link(9, "vnet0", LinkKind::Veth, Some(7));
+        let mut port = link(9, "vnet0", TAP, Some(7));
         port.port_state = Some(PortState::Listening);
         let m = model(vec![bridge(7, "br0", StpMode::Kernel), port]);
         let p = plan(&m, &guard("br0"));
@@ -412,7 +564,7 @@ mod tests {
 
     #[test]
     fn ports_without_carrier_or_disabled_are_not_forced() {
-        let mut port = link(9, "vnet0", LinkKind::Veth, Some(7));
+        let mut port = link(9, "vnet0", TAP, Some(7));
         port.port_state = Some(PortState::Blocking);
         port.oper_up = false;
         let m = model(vec![bridge(7, "br0", StpMode::Off), port.clone()]);
@@ -447,7 +599,7 @@ mod tests {
     fn a_down_bridge_is_raised_and_its_ports_left_to_follow() {
         let mut br = bridge(7, "br0", StpMode::Off);
         br.admin_up = false;
-        let mut port = link(9, "vnet0", LinkKind::Veth, Some(7));
+        let mut port = link(9, "vnet0", TAP, Some(7));
         port.port_state = Some(PortState::Disabled);
         let m = model(vec![br, port]);
         assert_eq!(
@@ -463,10 +615,10 @@ mod tests {
     fn detached_members_are_reattached_even_to_a_recreated_bridge() {
         let mut m = model(vec![
             bridge(7, "br0", StpMode::Off),
-            link(9, "vnet0", LinkKind::Veth, Some(7)),
+            link(9, "vnet0", TAP, Some(7)),
         ]);
         m.apply_netlink(
-            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            NetlinkEvent::Link(link(9, "vnet0", TAP, None)),
             1,
         );
         m.apply_netlink(
@@ -497,10 +649,10 @@ mod tests {
         let mut m = model(vec![
             bridge(7, "br0", StpMode::Off),
             bridge(8, "br1", StpMode::Off),
-            link(9, "vnet0", LinkKind::Veth, Some(7)),
+            link(9, "vnet0", TAP, Some(7)),
         ]);
         m.apply_netlink(
-            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, Some(8))),
+            NetlinkEvent::Link(link(9, "vnet0", TAP, Some(8))),
             1,
         );
         let mut guards = guard("br0");
@@ -515,7 +667,7 @@ mod tests {
 
     #[test]
     fn bridges_with_tunnels_nics_or_user_stp_are_left_alone_unless_overridden() {
-        let mut port = link(9, "vnet0", LinkKind::Veth, Some(7));
+        let mut port = link(9, "vnet0", TAP, Some(7));
         port.port_state = Some(PortState::Listening);
         for (hazard, expect) in [
             (
@@ -565,8 +717,10 @@ mod tests {
 
         let mut mv = link(11, "mv0", LinkKind::Stacked("macvlan".into()), Some(7));
         mv.lower = Some(3);
-        let veth = link(3, "v0", LinkKind::Veth, None);
-        let m = model(vec![bridge(7, "br0", StpMode::Off), veth, mv]);
+        let mut veth = link(3, "v0", LinkKind::Veth, None);
+        veth.lower = Some(4);
+        let peer = link(4, "v1", LinkKind::Veth, None);
+        let m = model(vec![bridge(7, "br0", StpMode::Off), veth, peer, mv]);
         assert!(plan(&m, &guard("br0")).refusals.is_empty());
     }
 
@@ -584,6 +738,234 @@ mod tests {
             },
         }];
         assert!(plan(&m, &guards).actions.is_empty());
+    }
+
+    fn vnet(ifindex: u32, name: &str, state: PortState) -> LinkSnapshot {
+        let mut p = link(ifindex, name, TAP, Some(7));
+        p.port_state = Some(state);
+        p
+    }
+
+    fn ctx(verdicts: &[(u32, Verdict)]) -> Context {
+        Context {
+            ports: verdicts.iter().cloned().collect(),
+            ..Context::default()
+        }
+    }
+
+    fn hold() -> Verdict {
+        Verdict::Hold {
+            why: "vnet1 is held out of forwarding for a loop with vnet0".into(),
+        }
+    }
+
+    #[test]
+    fn every_refused_kind_leaves_the_bridge_alone() {
+        for kind in [
+            LinkKind::Physical,
+            LinkKind::Bond,
+            LinkKind::Tunnel("vxlan".into()),
+            LinkKind::Tunnel("gretap".into()),
+            LinkKind::Tunnel("ip6gretap".into()),
+            LinkKind::Tunnel("erspan".into()),
+            LinkKind::Tunnel("l2tpeth".into()),
+            LinkKind::Overlay("team".into()),
+            LinkKind::Overlay("macsec".into()),
+            LinkKind::Overlay("hsr".into()),
+            LinkKind::Overlay("batadv".into()),
+            LinkKind::Overlay("openvswitch".into()),
+            LinkKind::Tun {
+                tap: Some(true),
+                vnet_hdr: Some(false),
+            },
+            LinkKind::Other("mystery".into()),
+        ] {
+            let m = model(vec![
+                bridge(7, "br0", StpMode::Kernel),
+                vnet(9, "vnet0", PortState::Listening),
+                link(10, "x0", kind.clone(), Some(7)),
+            ]);
+            let p = plan(&m, &guard("br0"));
+            assert!(p.actions.is_empty(), "{kind:?}: {p:?}");
+            assert!(p.refusals[0].reason.starts_with("left alone: x0 is"), "{kind:?}: {p:?}");
+        }
+    }
+
+    #[test]
+    fn a_port_netlink_could_not_decode_is_a_hazard() {
+        let m = model(vec![bridge(7, "br0", StpMode::Kernel)]);
+        let c = Context {
+            undecoded: [(7, vec![33])].into(),
+            ..Context::default()
+        };
+        let p = super::plan(&m, &guard("br0"), &c);
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert!(p.refusals[0].reason.contains("port 33"), "{p:?}");
+    }
+
+    #[test]
+    fn a_late_hazard_turns_stp_back_on_where_we_turned_it_off() {
+        let links = vec![
+            bridge(7, "br0", StpMode::Off),
+            vnet(9, "vnet0", PortState::Forwarding),
+            link(10, "vx0", LinkKind::Tunnel("vxlan".into()), Some(7)),
+        ];
+        let m = model(links);
+        let mut c = Context::default();
+        let p = super::plan(&m, &guard("br0"), &c);
+        assert!(p.actions.is_empty(), "not ours to turn on: {p:?}");
+        c.stp_off_by_us.insert("br0".into());
+        let p = super::plan(&m, &guard("br0"), &c);
+        assert_eq!(
+            p.actions,
+            [Action::StpOn {
+                bridge: "br0".into(),
+                bridge_ifindex: 7
+            }]
+        );
+        assert!(p.refusals[0].reason.contains("STP turned back on: vx0 is a vxlan tunnel port"));
+    }
+
+    #[test]
+    fn kernel_stp_blocking_a_port_for_a_loop_keeps_stp_on() {
+        use crate::sources::netlink::{BridgeIdent, StpPort};
+        let own = BridgeIdent {
+            priority: 0x8000,
+            mac: [2, 0, 0, 0, 0, 1],
+        };
+        let mut br = bridge(7, "br0", StpMode::Kernel);
+        br.bridge_id = Some(own);
+        let mut v0 = vnet(9, "vnet0", PortState::Listening);
+        v0.stp_port = StpPort {
+            designated_bridge: Some(own),
+            designated_port: Some(0x8001),
+            port_id: Some(0x8001),
+            port_no: Some(1),
+            designated_root: Some(own),
+        };
+        let mut v1 = vnet(10, "vnet1", PortState::Blocking);
+        v1.stp_port = StpPort {
+            port_id: Some(0x8002),
+            port_no: Some(2),
+            ..v0.stp_port
+        };
+        let m = model(vec![br, v0, v1]);
+        let p = plan(&m, &guard("br0"));
+        assert!(p.actions.is_empty(), "neither STP off nor a forced port: {p:?}");
+        assert_eq!(p.refusals.len(), 1, "{p:?}");
+        assert!(
+            p.refusals[0]
+                .reason
+                .starts_with("STP stays on: kernel STP holds vnet1 in blocking"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn stp_goes_off_only_once_every_port_was_probed_and_none_is_held() {
+        let m = model(vec![
+            bridge(7, "br0", StpMode::Kernel),
+            vnet(9, "vnet0", PortState::Listening),
+            vnet(10, "vnet1", PortState::Listening),
+        ]);
+        let p = super::plan(&m, &guard("br0"), &ctx(&[(9, Verdict::Unprobed)]));
+        assert_eq!(p, Plan::default(), "deferred, silently, for milliseconds");
+        let p = super::plan(&m, &guard("br0"), &ctx(&[(10, hold())]));
+        assert!(p.actions.is_empty());
+        assert!(p.refusals[0].reason.starts_with("STP stays on: vnet1 is held"), "{p:?}");
+        let c = Context {
+            unprotected: [("br0".to_owned(), "no sockets".to_owned())].into(),
+            ..Context::default()
+        };
+        let p = super::plan(&m, &guard("br0"), &c);
+        assert!(p.refusals[0].reason.contains("loop protection cannot run (no sockets)"));
+        let mut guards = guard("br0");
+        guards[0].policy.loop_protect = false;
+        let p = super::plan(&m, &guards, &c);
+        assert_eq!(p.actions.len(), 3, "without loop protection: STP off at once: {p:?}");
+    }
+
+    #[test]
+    fn a_held_port_is_taken_out_kept_out_and_put_back_when_released() {
+        let links = |state| {
+            vec![
+                bridge(7, "br0", StpMode::Off),
+                vnet(9, "vnet0", PortState::Forwarding),
+                vnet(10, "vnet1", state),
+            ]
+        };
+        let hold_down = Action::HoldDown {
+            bridge: "br0".into(),
+            port: "vnet1".into(),
+            port_ifindex: 10,
+        };
+        let m = model(links(PortState::Forwarding));
+        let p = super::plan(&m, &guard("br0"), &ctx(&[(10, hold())]));
+        assert_eq!(p.actions, [hold_down.clone()]);
+        // Out: kept out, never forced back.
+        let m = model(links(PortState::Disabled));
+        assert!(super::plan(&m, &guard("br0"), &ctx(&[(10, hold())])).actions.is_empty());
+        let m = model(links(PortState::Listening));
+        assert_eq!(
+            super::plan(&m, &guard("br0"), &ctx(&[(10, hold())])).actions,
+            [hold_down],
+            "not forced, taken out"
+        );
+        // Released: back to forwarding, from disabled too.
+        let m = model(links(PortState::Disabled));
+        assert_eq!(
+            super::plan(&m, &guard("br0"), &ctx(&[(10, Verdict::Release)])).actions,
+            [Action::Forward {
+                bridge: "br0".into(),
+                port: "vnet1".into(),
+                port_ifindex: 10
+            }]
+        );
+        // Not probed yet: not forced until its round ends.
+        let m = model(links(PortState::Learning));
+        assert!(super::plan(&m, &guard("br0"), &ctx(&[(10, Verdict::Unprobed)])).actions.is_empty());
+        // Loop protection off: the hold is not asked for, the port forced as before.
+        let mut guards = guard("br0");
+        guards[0].policy.loop_protect = false;
+        assert_eq!(
+            super::plan(&m, &guards, &ctx(&[(10, hold())])).actions.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_pattern_never_captures_a_port_that_was_not_a_member() {
+        let mut m = model(vec![
+            bridge(7, "br0", StpMode::Off),
+            bridge(8, "br1", StpMode::Off),
+            vnet(9, "vnet0", PortState::Forwarding),
+        ]);
+        let mut guards = guard("br0");
+        guards[0].policy.port_patterns = vec!["vnet*".into()];
+        // A fresh tap about to be added to br1 by libvirt: its name matches, it is not ours.
+        m.apply_netlink(
+            NetlinkEvent::Link(link(
+                20,
+                "vnet7",
+                LinkKind::Tun {
+                    tap: Some(true),
+                    vnet_hdr: Some(true),
+                },
+                None,
+            )),
+            1,
+        );
+        assert_eq!(plan(&m, &guards), Plan::default());
+        // A member detached is re-attached; one the patterns do not allow is not remembered.
+        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", TAP, None)), 2);
+        assert_eq!(plan(&m, &guards).actions.len(), 1);
+        guards[0].policy.port_patterns = vec!["tap*".into()];
+        assert!(plan(&m, &guards).actions.is_empty());
+        // Nor one held for a loop: enslaved with STP off, it would forward at once.
+        guards[0].policy.port_patterns.clear();
+        let p = super::plan(&m, &guards, &ctx(&[(9, hold())]));
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert!(p.refusals[0].reason.starts_with("not re-attaching: vnet1 is held"), "{p:?}");
     }
 
     #[test]

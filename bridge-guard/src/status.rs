@@ -27,6 +27,31 @@ pub struct BridgeStatus {
     pub refusals: Vec<String>,
     pub repairs: u64,
     pub ports: Vec<PortStatus>,
+    /// Whether bridge-guard turned STP off here (a NIC or tunnel that joins later turns it back
+    /// on); read back by the next run.
+    #[serde(default)]
+    pub stp_off_by_agent: bool,
+    /// Ports loop protection holds out of forwarding.
+    #[serde(default)]
+    pub loops: Vec<LoopHold>,
+}
+
+/// A port held out of forwarding because it is in a loop.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LoopHold {
+    pub port: String,
+    /// `held`, `rechecking` (re-probed, still out) or `releasing`.
+    pub phase: String,
+    pub since_unix_ns: u64,
+    /// When it is re-probed, while held.
+    pub until_unix_ns: Option<u64>,
+    /// What showed the loop, in words, and as `probe`, `bpdu` or `mac_flap`.
+    pub evidence: String,
+    pub evidence_kind: String,
+    /// The loop's other port, where known.
+    pub other: Option<String>,
+    /// Times the loop was seen during this hold.
+    pub sightings: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -167,6 +192,17 @@ impl Status {
                     let _ = writeln!(out, "  {:<16} last outage: {}", "", parts.join(", "));
                 }
             }
+            for l in &b.loops {
+                let _ = writeln!(
+                    out,
+                    "  loop: {} {} for {} (with {}): {}",
+                    l.port,
+                    l.phase,
+                    ago(l.since_unix_ns),
+                    l.other.as_deref().unwrap_or("?"),
+                    l.evidence
+                );
+            }
         }
         out
     }
@@ -215,6 +251,17 @@ mod tests {
                     last_episode: Some([("listening".to_owned(), 850_000)].into()),
                     time_in_ns: [("forwarding".to_owned(), 2_500_000_000)].into(),
                 }],
+                stp_off_by_agent: true,
+                loops: vec![LoopHold {
+                    port: "vnet1".into(),
+                    phase: "held".into(),
+                    since_unix_ns: 3_000_000_000,
+                    until_unix_ns: Some(5_000_000_000),
+                    evidence: "our probe sent out of vnet0 came back after 40 µs".into(),
+                    evidence_kind: "probe".into(),
+                    other: Some("vnet0".into()),
+                    sightings: 2,
+                }],
             }],
         };
         status.write(&dir).expect("writes");
@@ -234,6 +281,10 @@ mod tests {
         );
         assert!(text.contains("850 µs"), "{text}");
         assert!(text.contains("last outage: listening 850 µs"), "{text}");
+        assert!(
+            text.contains("loop: vnet1 held for 500.0 ms (with vnet0): our probe"),
+            "{text}"
+        );
         std::fs::remove_dir_all(&dir).expect("cleanup");
         assert!(matches!(
             Status::read(&dir),

@@ -6,6 +6,7 @@ use super::guard_args::{PolicyArgs, bridge_name};
 use crate::{
     actuator,
     config::Settings,
+    loop_guard::LoopGuard,
     membership,
     model::Model,
     planner,
@@ -49,7 +50,19 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     for (bridge, port) in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
         model.remember(&bridge, &port);
     }
-    let plan = planner::plan(&model, &guards);
+    // Judged as the agent judges: hazards beyond this namespace too, ports kernel STP blocks for
+    // a loop keep STP on, and one probe round (milliseconds) before any port is forced.
+    let mut loops = LoopGuard::new(&guards, None);
+    loops.resync(&nl.handle, &model).await;
+    for l in loops.refresh(&nl.handle, &model).await {
+        model.apply_netlink(netlink::NetlinkEvent::Link(l), monotonic_ns());
+    }
+    loops.update(&model, monotonic_ns());
+    while loops.probing() {
+        loops.wait().await;
+        loops.update(&model, monotonic_ns());
+    }
+    let plan = planner::plan(&model, &guards, &loops.context(&model));
     for r in &plan.refusals {
         println!("refused: {}", r.reason);
     }

@@ -23,10 +23,18 @@ pub struct PolicyArgs {
     /// user-space STP, where repairs could create a loop or fight its owner. Repeatable.
     #[arg(long, value_name = "BRIDGE")]
     pub allow_unsafe: Vec<String>,
-    /// Ports whose names match GLOB (`*`, `?`) always belong to the guarded bridges, e.g.
-    /// `vnet*`. Repeatable; added to the configuration's `ports`.
+    /// Only ports whose names match GLOB (`*`, `?`) are remembered as members of the guarded
+    /// bridges (and re-attached when detached), e.g. `vnet*`; without a pattern, every port seen
+    /// on a bridge is. A matching name alone never makes a port a member: a tap that was never
+    /// on the bridge is left alone. Repeatable; added to the configuration's `ports`.
     #[arg(long, value_name = "GLOB")]
     pub port_pattern: Vec<String>,
+    /// Turn STP off without bridge-guard's own loop protection (probe frames, BPDU guard, MAC
+    /// flapping), which otherwise takes a port in a loop out of forwarding within milliseconds.
+    /// Its cost: one 60-byte frame per port every 2 s, a packet socket per port, a filter run per
+    /// received frame. Without it, a guest that bridges two of its NICs makes a broadcast storm.
+    #[arg(long)]
+    pub no_loop_protect: bool,
     /// Where libvirt keeps live domain XML, read for which taps belong to which bridge
     /// [default: /run/libvirt/qemu].
     #[arg(long, value_name = "DIR")]
@@ -81,6 +89,7 @@ impl PolicyArgs {
             p.force_forwarding &= !self.no_force_forwarding;
             p.reattach &= !self.no_reattach;
             p.keep_up &= !self.no_keep_up;
+            p.loop_protect &= !self.no_loop_protect;
             p.allow_unsafe |= self.allow_unsafe.contains(&g.bridge);
             p.port_patterns.extend(self.port_pattern.iter().cloned());
         }
@@ -107,6 +116,7 @@ mod tests {
             no_keep_up: false,
             allow_unsafe: vec![],
             port_pattern: vec![],
+            no_loop_protect: false,
             libvirt_dir: None,
             config: None,
         }

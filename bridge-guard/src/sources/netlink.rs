@@ -12,9 +12,9 @@ use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{
-        AfSpecBridge, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData, LinkAttribute,
-        LinkExtentMask, LinkFlags, LinkInfo, LinkLayerType, LinkMessage, LinkProtoInfoBridge,
-        State,
+        AfSpecBridge, BridgeId, InfoBridge, InfoBridgePort, InfoData, InfoKind, InfoPortData,
+        InfoTun, LinkAttribute, LinkExtentMask, LinkFlags, LinkInfo, LinkLayerType, LinkMessage,
+        LinkProtoInfoBridge, State,
     },
 };
 use netlink_sys::{AsyncSocket as _, SocketAddr};
@@ -46,17 +46,41 @@ pub enum NetlinkError {
 pub enum LinkKind {
     Bridge,
     Veth,
-    Tun,
-    /// vxlan, gre(tap), geneve, ipip, sit…: traffic leaves the host through it.
+    /// A tun/tap device. `tap`: TAP (Ethernet) mode; `vnet_hdr`: opened with virtio-net headers,
+    /// as VM monitors (QEMU, Firecracker, cloud-hypervisor) open theirs and VPNs (OpenVPN, tinc,
+    /// ZeroTier) do not. `None` where the kernel did not say (`IFLA_TUN_*`, Linux 4.15+).
+    Tun {
+        tap: Option<bool>,
+        vnet_hdr: Option<bool>,
+    },
+    /// vxlan, gre(tap), erspan, geneve, l2tp, ipip, sit…: traffic leaves the host through it.
     Tunnel(String),
     Bond,
+    /// team, macsec, hsr/prp, batman-adv, Open vSwitch, dsa…: a layer-2 device that aggregates,
+    /// encrypts or switches frames over other links, which may leave the host.
+    Overlay(String),
     /// vlan, macvlan, ipvlan…: stacked on another device (`IFLA_LINK`).
     Stacked(String),
     /// No `IFLA_INFO_KIND`: a driver-backed device, normally a physical NIC.
     Physical,
     Loopback,
+    /// dummy, ifb, nlmon: devices that never carry frames off the host.
+    Local(String),
+    /// A kind this version does not know: it may leave the host.
     Other(String),
 }
+
+impl Default for LinkKind {
+    fn default() -> Self {
+        Self::Other(String::new())
+    }
+}
+
+/// `IFLA_TUN_TYPE`, `IFLA_TUN_VNET_HDR` inside a tun device's `IFLA_INFO_DATA`.
+const IFLA_TUN_TYPE: u16 = 3;
+const IFLA_TUN_VNET_HDR: u16 = 5;
+/// `IFF_TAP` in `IFLA_TUN_TYPE`.
+const IFF_TAP: u8 = 2;
 
 impl LinkKind {
     fn from_info(kind: Option<&InfoKind>, layer: LinkLayerType) -> Self {
@@ -70,31 +94,91 @@ impl LinkKind {
         match kind {
             InfoKind::Bridge => Self::Bridge,
             InfoKind::Veth => Self::Veth,
-            InfoKind::Tun => Self::Tun,
+            InfoKind::Tun => Self::Tun {
+                tap: None,
+                vnet_hdr: None,
+            },
             InfoKind::Bond => Self::Bond,
             InfoKind::Vxlan
             | InfoKind::GreTap
             | InfoKind::GreTap6
             | InfoKind::GreTun
             | InfoKind::GreTun6
+            | InfoKind::ErSpan
+            | InfoKind::Ip6ErSpan
             | InfoKind::Geneve
+            | InfoKind::BareUdp
+            | InfoKind::Amt
+            | InfoKind::Gtp
+            | InfoKind::Pfcp
             | InfoKind::IpIp
             | InfoKind::Ip6Tnl
             | InfoKind::SitTun
             | InfoKind::Vti
-            | InfoKind::Vti6 => Self::Tunnel(kind.to_string()),
+            | InfoKind::Vti6
+            | InfoKind::Xfrm
+            | InfoKind::Wireguard => Self::Tunnel(kind.to_string()),
+            InfoKind::Team
+            | InfoKind::MacSec
+            | InfoKind::Hsr
+            | InfoKind::BatAdv
+            | InfoKind::Dsa
+            | InfoKind::RmNet
+            | InfoKind::Wwan
+            | InfoKind::Ipoib => Self::Overlay(kind.to_string()),
             InfoKind::Vlan
             | InfoKind::MacVlan
             | InfoKind::MacVtap
             | InfoKind::IpVlan
-            | InfoKind::IpVtap => Self::Stacked(kind.to_string()),
+            | InfoKind::IpVtap
+            | InfoKind::VirtWifi => Self::Stacked(kind.to_string()),
+            InfoKind::Dummy | InfoKind::Ifb | InfoKind::Nlmon => Self::Local(kind.to_string()),
+            InfoKind::Other(k) => match k.as_str() {
+                "l2tpeth" => Self::Tunnel(k.clone()),
+                "openvswitch" => Self::Overlay(k.clone()),
+                _ => Self::Other(k.clone()),
+            },
             other => Self::Other(other.to_string()),
         }
     }
 }
 
+/// A bridge identifier (802.1D): priority and MAC, as `8000.525400aabbcc`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct BridgeIdent {
+    pub priority: u16,
+    pub mac: [u8; 6],
+}
+
+impl BridgeIdent {
+    fn from_netlink(id: &BridgeId) -> Self {
+        Self {
+            priority: id.priority,
+            mac: id.address,
+        }
+    }
+}
+
+impl std::fmt::Display for BridgeIdent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04x}.", self.priority)?;
+        self.mac.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+/// What kernel STP knows about a bridge port (`IFLA_BRPORT_*`): whose BPDUs it hears.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StpPort {
+    pub designated_root: Option<BridgeIdent>,
+    pub designated_bridge: Option<BridgeIdent>,
+    pub designated_port: Option<u16>,
+    /// This port's own STP port id (priority and number).
+    pub port_id: Option<u16>,
+    pub port_no: Option<u16>,
+}
+
 /// One link as an AF_UNSPEC link message describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LinkSnapshot {
     pub ifindex: u32,
     pub name: String,
@@ -114,6 +198,16 @@ pub struct LinkSnapshot {
     pub port_state: Option<PortState>,
     /// For bridges: the STP mode.
     pub stp: Option<StpMode>,
+    /// The MAC address (`IFLA_ADDRESS`), for Ethernet-like devices.
+    pub address: Option<[u8; 6]>,
+    /// `IFLA_LINK_NETNSID`: `lower` (a veth's peer, a vlan's parent) is in the namespace with
+    /// this id, not in this one.
+    pub link_netnsid: Option<i32>,
+    /// For bridges: the bridge's own STP identifier and the root it believes in.
+    pub bridge_id: Option<BridgeIdent>,
+    pub root_id: Option<BridgeIdent>,
+    /// For bridge ports: what kernel STP knows about the port.
+    pub stp_port: StpPort,
 }
 
 /// A change reported by netlink.
@@ -141,43 +235,40 @@ fn port_state(raw: u8) -> Option<PortState> {
 pub fn snapshot(msg: &LinkMessage) -> LinkSnapshot {
     let mut snap = LinkSnapshot {
         ifindex: msg.header.index,
-        name: String::new(),
-        kind: LinkKind::Other(String::new()),
-        master: None,
         admin_up: msg.header.flags.contains(LinkFlags::Up),
         carrier: msg.header.flags.contains(LinkFlags::LowerUp),
-        oper_up: false,
-        lower: None,
-        switchdev: false,
-        port_state: None,
-        stp: None,
+        ..LinkSnapshot::default()
     };
     let mut info_kind = None;
     let mut oper = None;
+    let mut tun = (None, None);
+    // A veth whose peer lives in another namespace names it by that namespace's ifindex, which
+    // may equal this link's own: only a same-namespace self-reference means "no lower device".
+    let netnsid = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    });
+    snap.link_netnsid = netnsid;
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => snap.name.clone_from(n),
             LinkAttribute::Controller(m) if *m != 0 => snap.master = Some(*m),
-            LinkAttribute::Link(l) if *l != 0 && *l != msg.header.index => snap.lower = Some(*l),
+            LinkAttribute::Link(l)
+                if *l != 0 && (netnsid.is_some() || *l != msg.header.index) =>
+            {
+                snap.lower = Some(*l);
+            }
             LinkAttribute::PhysSwitchId(_) => snap.switchdev = true,
             LinkAttribute::OperState(s) => oper = Some(*s),
+            LinkAttribute::Address(a) => snap.address = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
                         LinkInfo::Kind(k) => info_kind = Some(k.clone()),
-                        LinkInfo::Data(InfoData::Bridge(data)) => {
-                            for d in data {
-                                if let InfoBridge::StpState(s) = d {
-                                    snap.stp = StpMode::from_kernel(u32::from(*s));
-                                }
-                            }
-                        }
+                        LinkInfo::Data(InfoData::Bridge(data)) => decode_bridge(data, &mut snap),
+                        LinkInfo::Data(InfoData::Tun(data)) => tun = decode_tun(data),
                         LinkInfo::PortData(InfoPortData::BridgePort(data)) => {
-                            for d in data {
-                                if let InfoBridgePort::State(s) = d {
-                                    snap.port_state = port_state(u8::from(*s));
-                                }
-                            }
+                            decode_bridge_port(data, &mut snap);
                         }
                         _ => {}
                     }
@@ -186,7 +277,13 @@ pub fn snapshot(msg: &LinkMessage) -> LinkSnapshot {
             _ => {}
         }
     }
-    snap.kind = LinkKind::from_info(info_kind.as_ref(), msg.header.link_layer_type);
+    snap.kind = match LinkKind::from_info(info_kind.as_ref(), msg.header.link_layer_type) {
+        LinkKind::Tun { .. } => LinkKind::Tun {
+            tap: tun.0,
+            vnet_hdr: tun.1,
+        },
+        kind => kind,
+    };
     // Devices without operstate support report "unknown" while working: count them as up when
     // they are admin-up with carrier, as the bridge does (netif_oper_up).
     snap.oper_up = match oper {
@@ -195,6 +292,56 @@ pub fn snapshot(msg: &LinkMessage) -> LinkSnapshot {
         Some(_) => false,
     };
     snap
+}
+
+fn decode_bridge(data: &[InfoBridge], snap: &mut LinkSnapshot) {
+    for d in data {
+        match d {
+            InfoBridge::StpState(s) => snap.stp = StpMode::from_kernel(u32::from(*s)),
+            InfoBridge::BridgeId(id) => snap.bridge_id = Some(BridgeIdent::from_netlink(id)),
+            InfoBridge::RootId(id) => snap.root_id = Some(BridgeIdent::from_netlink(id)),
+            _ => {}
+        }
+    }
+}
+
+fn decode_bridge_port(data: &[InfoBridgePort], snap: &mut LinkSnapshot) {
+    let stp = &mut snap.stp_port;
+    for d in data {
+        match d {
+            InfoBridgePort::State(s) => snap.port_state = port_state(u8::from(*s)),
+            // The kernel's names: IFLA_BRPORT_ROOT_ID is the port's designated root,
+            // IFLA_BRPORT_BRIDGE_ID its designated bridge.
+            InfoBridgePort::RootId(id) => stp.designated_root = Some(BridgeIdent::from_netlink(id)),
+            InfoBridgePort::BridgeId(id) => {
+                stp.designated_bridge = Some(BridgeIdent::from_netlink(id));
+            }
+            InfoBridgePort::DesignatedPort(p) => stp.designated_port = Some(*p),
+            InfoBridgePort::PortId(p) => stp.port_id = Some(*p),
+            InfoBridgePort::PortNumber(p) => stp.port_no = Some(*p),
+            _ => {}
+        }
+    }
+}
+
+/// `(TAP mode, virtio-net header)` from a tun device's `IFLA_INFO_DATA`.
+fn decode_tun(data: &[InfoTun]) -> (Option<bool>, Option<bool>) {
+    use netlink_packet_core::Nla as _;
+    let mut out = (None, None);
+    for d in data {
+        let InfoTun::Other(nla) = d else { continue };
+        if nla.value_len() != 1 {
+            continue;
+        }
+        let mut v = [0u8; 1];
+        nla.emit_value(&mut v);
+        match nla.kind() {
+            IFLA_TUN_TYPE => out.0 = Some(v[0] & IFF_TAP != 0),
+            IFLA_TUN_VNET_HDR => out.1 = Some(v[0] != 0),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The port state inside an AF_BRIDGE link message, with the port's master.
@@ -344,6 +491,66 @@ pub async fn mrp_bridges(handle: &Handle) -> Result<Vec<u32>, NetlinkError> {
         .set_filter_mask(AddressFamily::Bridge, vec![LinkExtentMask::Mrp])
         .execute()
         .try_filter_map(|m| async move { Ok(has_mrp(&m).then_some(m.header.index)) })
+        .try_collect()
+        .await
+        .map_err(NetlinkError::Dump)
+}
+
+/// Every bridge port as the AF_BRIDGE dump lists them: `(port ifindex, bridge ifindex)`. Its
+/// messages are small, so a port whose AF_UNSPEC message could not be decoded (and was dropped)
+/// still shows here: the planner counts such a port as a hazard instead of not seeing it.
+pub async fn bridge_ports(handle: &Handle) -> Result<Vec<(u32, u32)>, NetlinkError> {
+    handle
+        .link()
+        .get()
+        .set_filter_mask(AddressFamily::Bridge, vec![])
+        .execute()
+        .try_filter_map(|m| async move {
+            let master = m.attributes.iter().find_map(|a| match a {
+                LinkAttribute::Controller(c) if *c != 0 => Some(*c),
+                _ => None,
+            });
+            Ok(master.map(|b| (m.header.index, b)))
+        })
+        .try_collect()
+        .await
+        .map_err(NetlinkError::Dump)
+}
+
+/// One link, fresh from the kernel: in this namespace (`netnsid` `None`) or in the namespace
+/// this one knows by `netnsid` (`IFLA_TARGET_NETNSID`, Linux 4.20+). `None` if it is gone.
+pub async fn link_in(
+    handle: &Handle,
+    netnsid: Option<i32>,
+    ifindex: u32,
+) -> Result<Option<LinkSnapshot>, NetlinkError> {
+    let mut req = handle.link().get().match_index(ifindex);
+    if let Some(id) = netnsid {
+        req.message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(id));
+    }
+    match req.execute().try_next().await {
+        Ok(m) => Ok(m.map(|m| snapshot(&m))),
+        Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == libc::ENODEV => Ok(None),
+        Err(e) => Err(NetlinkError::Dump(e)),
+    }
+}
+
+/// The ports of bridge `master` in the namespace this one knows by `netnsid`.
+pub async fn ports_in(
+    handle: &Handle,
+    netnsid: i32,
+    master: u32,
+) -> Result<Vec<LinkSnapshot>, NetlinkError> {
+    let mut req = handle.link().get();
+    let attrs = &mut req.message_mut().attributes;
+    attrs.push(LinkAttribute::IfNetnsId(netnsid));
+    attrs.push(LinkAttribute::Controller(master));
+    req.execute()
+        .map_ok(|m| snapshot(&m))
+        // The kernel filters by master where it can; filter again for kernels that do not.
+        .try_filter(|l| std::future::ready(l.master == Some(master)))
         .try_collect()
         .await
         .map_err(NetlinkError::Dump)

@@ -6,7 +6,7 @@ use std::fmt;
 
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, ProgramError, RawTracePoint},
 };
 use serde::Serialize;
 
@@ -43,18 +43,27 @@ pub enum Prog {
     /// kprobe or kretprobe, as the program's section says.
     KProbe(&'static str, &'static str),
     TpBtf(&'static str, &'static str),
+    RawTp(&'static str, &'static str),
 }
 
 impl Prog {
     pub fn program(self) -> &'static str {
         match self {
-            Self::FEntry(p, _) | Self::FExit(p, _) | Self::KProbe(p, _) | Self::TpBtf(p, _) => p,
+            Self::FEntry(p, _)
+            | Self::FExit(p, _)
+            | Self::KProbe(p, _)
+            | Self::TpBtf(p, _)
+            | Self::RawTp(p, _) => p,
         }
     }
 
     pub fn target(self) -> &'static str {
         match self {
-            Self::FEntry(_, t) | Self::FExit(_, t) | Self::KProbe(_, t) | Self::TpBtf(_, t) => t,
+            Self::FEntry(_, t)
+            | Self::FExit(_, t)
+            | Self::KProbe(_, t)
+            | Self::TpBtf(_, t)
+            | Self::RawTp(_, t) => t,
         }
     }
 }
@@ -142,6 +151,21 @@ pub const HOOKS: &[HookSpec] = &[
             ),
         ],
     },
+    // Loop detection: MAC addresses flapping between ports (`loop_guard`). The tracepoint is
+    // in vmlinux even where bridge is a module; raw_tracepoint where tp_btf is refused.
+    HookSpec {
+        name: "fdb-flap",
+        tiers: &[
+            (
+                Tier::Tracepoint,
+                &[Prog::TpBtf("fdb_update_btf", "br_fdb_update")],
+            ),
+            (
+                Tier::Tracepoint,
+                &[Prog::RawTp("fdb_update_raw", "br_fdb_update")],
+            ),
+        ],
+    },
 ];
 
 /// The tracepoint-tier programs that only serve that tier (the others stay as timer context).
@@ -225,6 +249,10 @@ pub fn load(ebpf: &mut Ebpf, btf: Option<&Btf>, prog: Prog) -> Result<(), String
             let p: &mut BtfTracePoint = program.try_into().map_err(|e| reason(&e))?;
             p.load(tp, btf.ok_or_else(missing_btf)?)
         }
+        Prog::RawTp(..) => {
+            let p: &mut RawTracePoint = program.try_into().map_err(|e| reason(&e))?;
+            p.load()
+        }
     };
     match result {
         Ok(()) | Err(ProgramError::AlreadyLoaded) => Ok(()),
@@ -246,6 +274,9 @@ fn attach(ebpf: &mut Ebpf, prog: Prog) -> Result<(), String> {
         Prog::TpBtf(..) => {
             <&mut BtfTracePoint>::try_from(program).and_then(|p| p.attach().map(drop))
         }
+        Prog::RawTp(_, tp) => {
+            <&mut RawTracePoint>::try_from(program).and_then(|p| p.attach(tp).map(drop))
+        }
     };
     result.map_err(|e| format!("attach {} to {}: {}", name, prog.target(), reason(&e)))
 }
@@ -260,6 +291,7 @@ fn unload(ebpf: &mut Ebpf, prog: Prog) {
         Prog::FExit(..) => <&mut FExit>::try_from(program).and_then(FExit::unload),
         Prog::KProbe(..) => <&mut KProbe>::try_from(program).and_then(KProbe::unload),
         Prog::TpBtf(..) => <&mut BtfTracePoint>::try_from(program).and_then(BtfTracePoint::unload),
+        Prog::RawTp(..) => <&mut RawTracePoint>::try_from(program).and_then(RawTracePoint::unload),
     };
 }
 

@@ -307,6 +307,11 @@ impl Probes {
     pub fn events(&mut self) -> Result<ring::EventStream, EbpfError> {
         ring::EventStream::new(&mut self.ebpf)
     }
+
+    /// Takes the MAC-flap reports of loop detection (`fdb-flap`); call once.
+    pub fn fdb_flaps(&mut self) -> Result<crate::loop_guard::flap::FlapStream, EbpfError> {
+        crate::loop_guard::flap::FlapStream::new(&mut self.ebpf)
+    }
 }
 
 /// Loads every program without attaching it: proves the verifier accepts each one here, even

@@ -1,0 +1,640 @@
+//! Loop protection: what keeps a bridge loop-free once kernel STP is off, the way switches
+//! protect edge ports.
+//!
+//! - **Probes**: a frame of our own (`frame`) goes out of every port of a protected bridge every
+//!   [`holds::PROBE_EVERY_NS`], at once when a port joins, gets carrier or starts forwarding,
+//!   and before a port is first forced to forwarding. One that comes back on another port of
+//!   the same bridge is a loop between the two.
+//! - **BPDU guard**: a BPDU arriving on a port of a bridge with STP off means a bridge is on the
+//!   other side; this bridge's own BPDU coming back is a loop.
+//! - **MAC flapping**: the `br_fdb_update` tracepoint, counted in the kernel (`fdb-flap` hook),
+//!   reports an address moving between two ports again and again: looped frames.
+//!
+//! A port seen in a loop is held out of forwarding (`holds`; the planner sets it disabled,
+//! which STP-off bridges do not undo, and never forces it back), re-probed while held, and let
+//! go when the loop is gone. Frames are read from one packet socket per port (`socket`), which
+//! sees what arrives on a port even while the bridge holds it out.
+//!
+//! The same module holds what the planner needs from outside the model: kernel STP's own loop
+//! evidence (`stp`), hazards by kind and by where a port leads (`hazards`, `peers`), ports the
+//! kernel lists but netlink could not decode, and which bridges bridge-guard turned STP off on.
+
+pub mod flap;
+pub mod frame;
+pub mod hazards;
+pub mod holds;
+pub mod peers;
+pub mod socket;
+pub mod stp;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use rtnetlink::Handle;
+
+use self::{
+    flap::{Flap, FlapStream},
+    frame::Frame,
+    holds::{Detection, Evidence, Holds, PROBE_EVERY_NS, Sighting},
+    socket::{Received, Sockets},
+};
+use crate::{
+    event::{PortState, StpMode},
+    model::{Ktime, Model},
+    planner::{Action, Context, Guard},
+    sources::{
+        ebpf::{Probes, hooks::Tier},
+        netlink::{self, LinkSnapshot},
+    },
+    status,
+    sys::clock::monotonic_ns,
+};
+
+/// How often a blocking port's STP fields are fetched again while it stays blocking: netlink
+/// announces port-state changes (AF_BRIDGE) without the designated bridge and port.
+const STP_RECHECK_NS: Ktime = 1_000_000_000;
+
+pub struct LoopGuard {
+    /// Every guarded bridge, and those with loop protection on.
+    guarded: Vec<String>,
+    protected: BTreeSet<String>,
+    sockets: Option<Sockets>,
+    flaps: Option<FlapStream>,
+    /// The flap program's (lost, not judged) counters at the last look.
+    flap_counters: (u64, u64),
+    holds: Holds,
+    nonce: u64,
+    /// Source MAC of our probes: locally administered, from the nonce.
+    mac: [u8; 6],
+    seq: u32,
+    frames: Vec<Received>,
+    flap_batch: Vec<Flap>,
+    /// Per port ifindex: (oper up, forwarding) at the last update.
+    last: BTreeMap<u32, (bool, bool)>,
+    /// Per bridge ifindex: when its next periodic probe round is due.
+    next_round: BTreeMap<u32, Ktime>,
+    peers: peers::Peers,
+    /// Per bridge ifindex: ports the kernel lists that netlink could not decode.
+    undecoded: BTreeMap<u32, Vec<u32>>,
+    /// Per blocking port ifindex: when its STP fields were last fetched.
+    stp_checked: BTreeMap<u32, Ktime>,
+    /// Bridges whose STP bridge-guard turned off (kept across restarts in the state file).
+    stp_off_by_us: BTreeSet<String>,
+    /// Bridges without a MAC already warned about.
+    warned: BTreeSet<u32>,
+}
+
+fn random_nonce() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: a valid buffer of the size passed.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n == 8 {
+        u64::from_ne_bytes(b)
+    } else {
+        // No entropy source: still unique enough per host (pid and start time).
+        monotonic_ns() ^ (u64::from(std::process::id()) << 40)
+    }
+}
+
+fn mac_text(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl LoopGuard {
+    /// Opens what loop protection needs for `guards` and logs which detectors run.
+    pub fn new(guards: &[Guard], probes: Option<&mut Probes>) -> Self {
+        let nonce = random_nonce();
+        let n = nonce.to_be_bytes();
+        let protected: BTreeSet<String> = guards
+            .iter()
+            .filter(|g| g.policy.loop_protect)
+            .map(|g| g.bridge.clone())
+            .collect();
+        let mut guard = Self {
+            guarded: guards.iter().map(|g| g.bridge.clone()).collect(),
+            protected,
+            sockets: None,
+            flaps: None,
+            flap_counters: (0, 0),
+            holds: Holds::default(),
+            nonce,
+            mac: [0x02, n[0], n[1], n[2], n[3], n[4]],
+            seq: 0,
+            frames: Vec::new(),
+            flap_batch: Vec::new(),
+            last: BTreeMap::new(),
+            next_round: BTreeMap::new(),
+            peers: peers::Peers::default(),
+            undecoded: BTreeMap::new(),
+            stp_checked: BTreeMap::new(),
+            stp_off_by_us: BTreeSet::new(),
+            warned: BTreeSet::new(),
+        };
+        if guard.protected.is_empty() {
+            tracing::info!("loop protection: off (loop_protect = false on every guarded bridge)");
+            return guard;
+        }
+        let probing = match Sockets::new() {
+            Ok(s) => {
+                guard.sockets = Some(s);
+                "probes and BPDU guard: packet sockets".to_owned()
+            }
+            Err(e) => format!("probes and BPDU guard: none ({e})"),
+        };
+        let flapping = match probes {
+            Some(p) if p.tier("fdb-flap") != Tier::None => match p.fdb_flaps() {
+                Ok(f) => {
+                    guard.flaps = Some(f);
+                    "MAC flapping: eBPF (br_fdb_update tracepoint)".to_owned()
+                }
+                Err(e) => format!("MAC flapping: none ({})", crate::error_chain(&e)),
+            },
+            Some(_) => "MAC flapping: none (the fdb-flap hook did not attach)".to_owned(),
+            None => "MAC flapping: none (no eBPF)".to_owned(),
+        };
+        let names: Vec<&str> = guard.protected.iter().map(String::as_str).collect();
+        let line = format!(
+            "loop protection on {}: {probing}; {flapping}; probe MAC {}",
+            names.join(", "),
+            mac_text(&guard.mac)
+        );
+        if guard.sockets.is_none() || guard.flaps.is_none() {
+            tracing::warn!("{line}");
+        } else {
+            tracing::info!("{line}");
+        }
+        guard
+    }
+
+    /// Remembers that bridge-guard turned STP off on `bridge` (from the previous run's state).
+    pub fn restore_stp_off(&mut self, bridge: &str) {
+        self.stp_off_by_us.insert(bridge.to_owned());
+    }
+
+    /// Whether bridge-guard turned STP off on `bridge` (and it was not turned back on since).
+    pub fn turned_stp_off(&self, bridge: &str) -> bool {
+        self.stp_off_by_us.contains(bridge)
+    }
+
+    /// Notes a repair the kernel acknowledged.
+    pub fn applied(&mut self, action: &Action) {
+        match action {
+            Action::StpOff { bridge, .. } => {
+                self.stp_off_by_us.insert(bridge.clone());
+            }
+            Action::StpOn { bridge, .. } => {
+                self.stp_off_by_us.remove(bridge);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether a probe round is still waiting for its frames.
+    pub fn probing(&self) -> bool {
+        self.holds.probing()
+    }
+
+    fn next_deadline(&self) -> Option<Ktime> {
+        self.holds
+            .next_deadline()
+            .into_iter()
+            .chain(self.next_round.values().copied())
+            .min()
+    }
+
+    /// Waits until a frame or a flap report arrives, or something falls due. Frames are kept
+    /// for [`LoopGuard::update`].
+    pub async fn wait(&mut self) {
+        let deadline = self.next_deadline();
+        let Self {
+            sockets,
+            frames,
+            flaps,
+            flap_batch,
+            ..
+        } = self;
+        let frames_in = async {
+            match sockets {
+                Some(s) => {
+                    if let Err(e) = s.recv(frames).await {
+                        tracing::warn!("loop protection cannot read its sockets: {e}");
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let flaps_in = async {
+            match flaps {
+                Some(f) => {
+                    if let Err(e) = f.recv(flap_batch).await {
+                        tracing::warn!("loop protection cannot read MAC-flap reports: {e}");
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let due = async {
+            match deadline {
+                Some(t) => {
+                    let wait = Duration::from_nanos(t.saturating_sub(monotonic_ns()));
+                    tokio::time::sleep(wait).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = frames_in => {}
+            () = flaps_in => {}
+            () = due => {}
+        }
+    }
+
+    /// The guarded bridges present, by ifindex, with whether loop protection is on.
+    fn bridges<'m>(&self, model: &'m Model) -> Vec<(&'m LinkSnapshot, bool)> {
+        self.guarded
+            .iter()
+            .filter_map(|b| model.bridge(b))
+            .map(|b| (b, self.protected.contains(&b.name)))
+            .collect()
+    }
+
+    /// Takes in what arrived and what fell due: sightings become holds, due probe rounds go
+    /// out. Returns the ports newly taken out of forwarding (already logged).
+    pub fn update(&mut self, model: &Model, now: Ktime) -> Vec<Detection> {
+        if self.protected.is_empty() {
+            return Vec::new();
+        }
+        if let Some(s) = &self.sockets {
+            s.drain(&mut self.frames);
+        }
+        if let Some(f) = &mut self.flaps {
+            f.drain(&mut self.flap_batch);
+        }
+        let bridges: Vec<u32> = self
+            .bridges(model)
+            .into_iter()
+            .filter(|(_, on)| *on)
+            .map(|(b, _)| b.ifindex)
+            .collect();
+        let ports: BTreeMap<u32, u32> = bridges
+            .iter()
+            .flat_map(|b| model.ports_of(*b).map(move |p| (p.ifindex, *b)))
+            .collect();
+        let wanted: BTreeSet<u32> = ports.keys().copied().collect();
+        if let Some(s) = &mut self.sockets {
+            s.sync(&wanted);
+        }
+        let forwarding =
+            |i: u32| model.link(i).is_some_and(|l| l.port_state == Some(PortState::Forwarding));
+        self.holds.settle(|i| wanted.contains(&i), forwarding);
+        self.next_round.retain(|b, _| bridges.contains(b));
+
+        // A port that just got carrier or started forwarding is probed at once: a join, a
+        // repair, or a guest that came back may have closed a loop.
+        let mut due: BTreeSet<u32> = BTreeSet::new();
+        for (&port, &bridge) in &ports {
+            let Some(l) = model.link(port) else { continue };
+            let state = (l.oper_up, l.port_state == Some(PortState::Forwarding));
+            match self.last.insert(port, state) {
+                Some(prev) if !(state.0 && !prev.0) && !(state.1 && !prev.1) => {}
+                _ => {
+                    due.insert(bridge);
+                }
+            }
+        }
+        self.last.retain(|p, _| wanted.contains(p));
+
+        let mut detections = Vec::new();
+        let since = |i: u32| {
+            model
+                .link(i)
+                .filter(|l| l.port_state == Some(PortState::Forwarding))
+                .map(|l| model.track(&l.name).map_or(0, |t| t.since))
+        };
+        let frames = std::mem::take(&mut self.frames);
+        for r in &frames {
+            if let Some(s) = self.frame_sighting(r, model, now) {
+                detections.extend(self.holds.observe(s, since));
+            }
+        }
+        let flaps = std::mem::take(&mut self.flap_batch);
+        for f in &flaps {
+            if let Some(s) = self.flap_sighting(f, model) {
+                detections.extend(self.holds.observe(s, since));
+            }
+        }
+        self.check_flap_counters();
+
+        due.extend(self.holds.tick(now));
+        due.extend(
+            self.next_round
+                .iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(b, _)| *b),
+        );
+        for b in &bridges {
+            self.next_round.entry(*b).or_insert(now);
+        }
+        for b in due {
+            self.send_round(b, model, now);
+        }
+        for d in &detections {
+            tracing::warn!(
+                bridge = %d.bridge,
+                port = %d.port,
+                other = d.other.as_deref().unwrap_or("-"),
+                evidence = d.evidence.kind(),
+                hold_ms = d.hold_ns / 1_000_000,
+                "loop{}: taking {} out of forwarding for {:.0} s: {}; the loop's other port: {}",
+                if d.repeat { " again" } else { "" },
+                d.port,
+                d.hold_ns as f64 / 1e9,
+                d.evidence,
+                d.other.as_deref().unwrap_or("not known")
+            );
+        }
+        detections
+    }
+
+    fn check_flap_counters(&mut self) {
+        let Some(f) = &self.flaps else { return };
+        let now = f.counters();
+        let (lost, failed) = (
+            now.0.saturating_sub(self.flap_counters.0),
+            now.1.saturating_sub(self.flap_counters.1),
+        );
+        if lost > 0 || failed > 0 {
+            tracing::warn!(
+                lost,
+                not_judged = failed,
+                "MAC-flap detection: reports lost (ring buffer full) or updates it could not read"
+            );
+        }
+        self.flap_counters = now;
+    }
+
+    /// A port of a protected bridge in `model`, with its bridge.
+    fn port_of<'m>(&self, model: &'m Model, ifindex: u32) -> Option<(&'m LinkSnapshot, &'m LinkSnapshot)> {
+        let port = model.link(ifindex)?;
+        let bridge = model.link(port.master?)?;
+        self.protected
+            .contains(&bridge.name)
+            .then_some((port, bridge))
+    }
+
+    fn frame_sighting(&self, r: &Received, model: &Model, now: Ktime) -> Option<Sighting> {
+        let (port, bridge) = self.port_of(model, r.ifindex)?;
+        let (other, evidence) = match frame::parse(&r.frame)? {
+            Frame::Probe(p) => {
+                if p.nonce != self.nonce || p.port_ifindex == r.ifindex {
+                    return None; // Another agent's, or reflected by the device it was sent to.
+                }
+                let origin = model.link(p.port_ifindex)?;
+                if p.bridge_ifindex != bridge.ifindex {
+                    tracing::debug!(
+                        "probe sent out of {} came back on {} of {}: a device joins two bridges",
+                        origin.name,
+                        port.name,
+                        bridge.name
+                    );
+                    return None;
+                }
+                let rtt_us = now.saturating_sub(p.sent_ns) / 1000;
+                (
+                    Some((origin.ifindex, origin.name.clone())),
+                    Evidence::Probe {
+                        sent_on: origin.name.clone(),
+                        rtt_us,
+                    },
+                )
+            }
+            Frame::Bpdu(b) => {
+                // With kernel STP on, BPDUs are STP's business; with user-space STP the bridge
+                // is left alone anyway.
+                if bridge.stp != Some(StpMode::Off) {
+                    return None;
+                }
+                let own = b.bridge.is_some() && b.bridge == bridge.bridge_id;
+                let other = b
+                    .port_id
+                    .filter(|_| own)
+                    .and_then(|id| {
+                        model
+                            .ports_of(bridge.ifindex)
+                            .find(|p| p.stp_port.port_no == Some(id & 0x3ff))
+                    })
+                    .map(|p| (p.ifindex, p.name.clone()));
+                (
+                    other,
+                    Evidence::Bpdu {
+                        from: b.bridge,
+                        own,
+                    },
+                )
+            }
+        };
+        Some(Sighting {
+            bridge: bridge.name.clone(),
+            bridge_ifindex: bridge.ifindex,
+            port: (port.ifindex, port.name.clone()),
+            other,
+            evidence,
+            at: now,
+        })
+    }
+
+    fn flap_sighting(&self, f: &Flap, model: &Model) -> Option<Sighting> {
+        if f.mac == self.mac {
+            return None; // Our own probes, coming back through a loop already seen.
+        }
+        let (port, bridge) = self.port_of(model, f.port_ifindex)?;
+        if bridge.ifindex != f.bridge_ifindex || bridge.stp != Some(StpMode::Off) {
+            return None;
+        }
+        let other = model
+            .link(f.prev_ifindex)
+            .filter(|p| p.master == Some(bridge.ifindex))
+            .map(|p| (p.ifindex, p.name.clone()));
+        Some(Sighting {
+            bridge: bridge.name.clone(),
+            bridge_ifindex: bridge.ifindex,
+            port: (port.ifindex, port.name.clone()),
+            other,
+            evidence: Evidence::Flap {
+                mac: mac_text(&f.mac),
+                vid: f.vid,
+                moves: f.moves,
+            },
+            at: f.ktime_ns,
+        })
+    }
+
+    /// Sends a probe out of every oper-up port of `bridge_ifindex`.
+    fn send_round(&mut self, bridge_ifindex: u32, model: &Model, now: Ktime) {
+        self.next_round.insert(bridge_ifindex, now + PROBE_EVERY_NS);
+        let Some(br) = model.link(bridge_ifindex) else {
+            return;
+        };
+        let Some(dst) = br.address else {
+            if self.warned.insert(bridge_ifindex) {
+                tracing::warn!(bridge = %br.name, "no MAC address known for the bridge: not probing it");
+            }
+            return;
+        };
+        let mut sent = BTreeSet::new();
+        for p in model.ports_of(bridge_ifindex).filter(|p| p.oper_up) {
+            let watched = self.sockets.as_ref().is_some_and(|s| s.watching(p.ifindex));
+            if !watched {
+                // Cannot be probed: flap detection is what watches it, if anything does.
+                if self.flaps.is_some() {
+                    self.holds.clear_unprobed(p.ifindex);
+                }
+                continue;
+            }
+            self.seq = self.seq.wrapping_add(1);
+            let probe = frame::Probe {
+                nonce: self.nonce,
+                bridge_ifindex,
+                port_ifindex: p.ifindex,
+                seq: self.seq,
+                sent_ns: now,
+            };
+            let f = frame::probe(dst, self.mac, &probe);
+            match self.sockets.as_ref().map(|s| s.send(p.ifindex, &f)) {
+                Some(Ok(())) => {
+                    sent.insert(p.ifindex);
+                }
+                Some(Err(e)) => tracing::debug!(port = %p.name, "probe not sent: {e}"),
+                None => {}
+            }
+        }
+        self.holds.start_round(bridge_ifindex, sent, now);
+        if let Some(s) = &self.sockets {
+            let drops = s.take_drops();
+            if drops > 0 {
+                tracing::warn!(
+                    bridge = %br.name,
+                    drops,
+                    "loop protection's sockets dropped frames (a flood of BPDUs or probes)"
+                );
+            }
+        }
+    }
+
+    /// Fetches what the planner needs from the kernel beyond the model: where ports lead in
+    /// other namespaces (first time only), and fresh STP fields of ports kernel STP blocks.
+    /// Returns the fresh snapshots, for the model.
+    pub async fn refresh(&mut self, handle: &Handle, model: &Model) -> Vec<LinkSnapshot> {
+        let bridges: Vec<(u32, bool)> = self
+            .bridges(model)
+            .into_iter()
+            .map(|(b, _)| (b.ifindex, b.stp == Some(StpMode::Kernel)))
+            .collect();
+        let all: Vec<u32> = bridges.iter().map(|(b, _)| *b).collect();
+        self.peers.refresh(handle, model, &all).await;
+        let now = monotonic_ns();
+        let blocking: Vec<(u32, Ktime)> = bridges
+            .iter()
+            .filter(|(_, kernel_stp)| *kernel_stp)
+            .flat_map(|(b, _)| model.ports_of(*b))
+            .filter(|p| p.port_state == Some(PortState::Blocking))
+            .map(|p| (p.ifindex, model.track(&p.name).map_or(0, |t| t.since)))
+            .collect();
+        self.stp_checked
+            .retain(|i, _| blocking.iter().any(|(b, _)| b == i));
+        let mut fresh = Vec::new();
+        for (ifindex, blocking_since) in blocking {
+            let stale = self
+                .stp_checked
+                .get(&ifindex)
+                .is_none_or(|t| *t < blocking_since || now.saturating_sub(*t) > STP_RECHECK_NS);
+            if !stale {
+                continue;
+            }
+            self.stp_checked.insert(ifindex, now);
+            match netlink::link_in(handle, None, ifindex).await {
+                Ok(Some(l)) => fresh.push(l),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(ifindex, "cannot fetch STP fields: {}", crate::error_chain(&e)),
+            }
+        }
+        fresh
+    }
+
+    /// A full reconcile: looks beyond this namespace again, and lists the ports netlink could
+    /// not decode.
+    pub async fn resync(&mut self, handle: &Handle, model: &Model) {
+        self.peers.forget();
+        let guarded: BTreeSet<u32> = self.bridges(model).iter().map(|(b, _)| b.ifindex).collect();
+        match netlink::bridge_ports(handle).await {
+            Ok(ports) => {
+                self.undecoded.clear();
+                for (port, bridge) in ports {
+                    if guarded.contains(&bridge) && model.link(port).is_none() {
+                        self.undecoded.entry(bridge).or_default().push(port);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("no AF_BRIDGE port list: {}", crate::error_chain(&e)),
+        }
+    }
+
+    /// What the planner needs from loop protection and the checks beyond the model.
+    pub fn context(&self, model: &Model) -> Context {
+        let mut ctx = Context {
+            stp_off_by_us: self.stp_off_by_us.clone(),
+            remote: self.peers.remote(),
+            undecoded: self.undecoded.clone(),
+            ..Context::default()
+        };
+        for (b, on) in self.bridges(model) {
+            if !on {
+                continue;
+            }
+            if self.sockets.is_none() && self.flaps.is_none() {
+                ctx.unprotected.insert(
+                    b.name.clone(),
+                    "neither packet sockets nor eBPF flap detection are available".to_owned(),
+                );
+            }
+            for p in model.ports_of(b.ifindex) {
+                if let Some(v) = self.holds.verdict(p.ifindex) {
+                    ctx.ports.insert(p.ifindex, v);
+                }
+            }
+        }
+        ctx
+    }
+
+    /// The holds on `bridge`, for `status`; `unix` converts the monotonic clock.
+    pub fn status(&self, bridge: &str, unix: impl Fn(Ktime) -> u64) -> Vec<status::LoopHold> {
+        self.holds
+            .holds()
+            .filter(|h| h.bridge == bridge)
+            .map(|h| {
+                let (phase, until) = match h.phase {
+                    holds::Phase::Held { until } => ("held", Some(until)),
+                    holds::Phase::Rechecking { until } => ("rechecking", Some(until)),
+                    holds::Phase::Releasing => ("releasing", None),
+                };
+                status::LoopHold {
+                    port: h.port.clone(),
+                    phase: phase.to_owned(),
+                    since_unix_ns: unix(h.since),
+                    until_unix_ns: until.map(&unix),
+                    evidence: h.evidence.to_string(),
+                    evidence_kind: h.evidence.kind().to_owned(),
+                    other: h.other.clone(),
+                    sightings: h.sightings,
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,116 @@
+//! Where a port leads when it leads into another network namespace: a veth's peer, a vlan's or
+//! macvlan's lower device. Netlink names such a device by the namespace id this namespace
+//! knows it by (`IFLA_LINK_NETNSID`), and lets this socket query that namespace with
+//! `IFLA_TARGET_NETNSID`: the peer, its master, and that bridge's other ports, judged by kind.
+//!
+//! Other namespaces send no notifications here, so what is found is kept until the next full
+//! reconcile (`forget`) or until the port changes.
+
+use std::collections::BTreeMap;
+
+use rtnetlink::Handle;
+
+use super::hazards::{Remote, bridge_hazard, kind_hazard};
+use crate::{
+    model::Model,
+    sources::netlink::{self, LinkKind, LinkSnapshot},
+};
+
+/// What was found, per port ifindex, with what it was found for (netns id, remote ifindex).
+#[derive(Default)]
+pub struct Peers {
+    found: BTreeMap<u32, ((i32, u32), Option<String>)>,
+}
+
+impl Peers {
+    /// Looks at every port of `bridges` that leads into another namespace and was not looked
+    /// at yet. One round trip or three per such port, the first time only.
+    pub async fn refresh(&mut self, handle: &Handle, model: &Model, bridges: &[u32]) {
+        let ports: Vec<LinkSnapshot> = bridges
+            .iter()
+            .flat_map(|b| model.ports_of(*b))
+            .filter(|p| matches!(p.kind, LinkKind::Veth | LinkKind::Stacked(_)))
+            .cloned()
+            .collect();
+        for p in ports {
+            let (Some(nsid), Some(lower)) = (p.link_netnsid, p.lower) else {
+                continue;
+            };
+            if self
+                .found
+                .get(&p.ifindex)
+                .is_some_and(|(key, _)| *key == (nsid, lower))
+            {
+                continue;
+            }
+            let verdict = look(handle, &p, nsid, lower).await;
+            if let Some(why) = &verdict {
+                tracing::debug!(port = %p.name, "beyond this namespace: {why}");
+            }
+            self.found.insert(p.ifindex, ((nsid, lower), verdict));
+        }
+    }
+
+    /// Forgets everything (a full reconcile looks again) and ports no longer present.
+    pub fn forget(&mut self) {
+        self.found.clear();
+    }
+
+    /// What the planner needs.
+    pub fn remote(&self) -> Remote {
+        self.found
+            .iter()
+            .map(|(i, (_, v))| (*i, v.clone()))
+            .collect()
+    }
+}
+
+/// A hazard where `port` leads in namespace `nsid`, or `None` if it is safe.
+async fn look(handle: &Handle, port: &LinkSnapshot, nsid: i32, lower: u32) -> Option<String> {
+    let name = &port.name;
+    let far = match netlink::link_in(handle, Some(nsid), lower).await {
+        Ok(Some(l)) => l,
+        Ok(None) => return Some(format!("{name} leads to device {lower} in namespace {nsid}, which is gone")),
+        Err(e) => {
+            return Some(format!(
+                "cannot see where {name} leads (device {lower} in namespace {nsid}): {}",
+                crate::error_chain(&e)
+            ));
+        }
+    };
+    if let LinkKind::Stacked(kind) = &port.kind {
+        return kind_hazard(&far)
+            .map(|h| format!("{name} is a {kind} on {} in namespace {nsid}: {h}", far.name));
+    }
+    let Some(master) = far.master else {
+        return None; // An endpoint: a container's or a VM namespace's own interface.
+    };
+    let m = match netlink::link_in(handle, Some(nsid), master).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return None, // Its master went away meanwhile: an endpoint now.
+        Err(e) => {
+            return Some(format!(
+                "cannot see {name}'s peer's master in namespace {nsid}: {}",
+                crate::error_chain(&e)
+            ));
+        }
+    };
+    if m.kind != LinkKind::Bridge {
+        return kind_hazard(&m).map(|h| {
+            format!("{name}'s peer {} (namespace {nsid}) is enslaved to {}: {h}", far.name, m.name)
+        });
+    }
+    match netlink::ports_in(handle, nsid, master).await {
+        Ok(ports) => bridge_hazard(ports.iter().filter(|p| p.ifindex != far.ifindex)).map(|h| {
+            format!(
+                "{name}'s peer {} (namespace {nsid}) is on {}, where {h}",
+                far.name, m.name
+            )
+        }),
+        Err(e) => Some(format!(
+            "cannot list the ports of {} in namespace {nsid} behind {name}: {}",
+            m.name,
+            crate::error_chain(&e)
+        )),
+    }
+}

@@ -1,0 +1,273 @@
+//! One AF_PACKET socket per guarded port, and one epoll set over them that tokio waits on.
+//!
+//! A socket bound to one device with ETH_P_ALL hangs off that device's own tap list, so only
+//! that port's traffic reaches it, and it sees each received frame before the bridge does:
+//! also on a port the bridge holds out of forwarding, which is how a held-down port is re-probed
+//! without letting the loop forward. The classic BPF filter ([`super::frame::socket_filter`])
+//! keeps only our probes and BPDUs; `PACKET_IGNORE_OUTGOING` spares the kernel the copy of every
+//! frame the port transmits. Sending on the socket puts a frame straight on the port's wire,
+//! past the bridge and its port state.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+};
+
+use tokio::io::unix::AsyncFd;
+
+use super::frame;
+
+/// `PACKET_IGNORE_OUTGOING` (Linux 4.20), not in the libc crate.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+/// `PACKET_STATISTICS`: drops since the last read.
+const PACKET_STATISTICS: libc::c_int = 6;
+
+/// A frame received on a port.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub ifindex: u32,
+    pub frame: Vec<u8>,
+}
+
+pub struct Sockets {
+    epoll: AsyncFd<OwnedFd>,
+    ports: BTreeMap<u32, OwnedFd>,
+    /// Ports whose socket could not be opened, so that each failure is logged once.
+    failed: BTreeSet<u32>,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
+    // SAFETY: `v` points to a live value of the size passed.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            std::ptr::from_ref(v).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// A filtered packet socket on `ifindex`.
+fn open(ifindex: u32) -> io::Result<OwnedFd> {
+    // Protocol 0 until bound: no frame is queued before the filter is in place.
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = cvt(unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: a fresh fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut filter = frame::socket_filter();
+    let prog = libc::sock_fprog {
+        len: u16::try_from(filter.len()).unwrap_or(u16::MAX),
+        filter: filter.as_mut_ptr(),
+    };
+    setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_FILTER,
+        &prog,
+    )?;
+    // Older kernels lack it; the filter drops outgoing frames there too, after a copy.
+    let _ = setsockopt(
+        fd.as_raw_fd(),
+        libc::SOL_PACKET,
+        PACKET_IGNORE_OUTGOING,
+        &1 as &libc::c_int,
+    );
+    let ifindex = libc::c_int::try_from(ifindex)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "ifindex out of range"))?;
+    // SAFETY: all-zero is a valid sockaddr_ll.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    addr.sll_ifindex = ifindex;
+    // SAFETY: a valid sockaddr_ll of the size passed.
+    cvt(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::from_ref(&addr).cast(),
+            size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    Ok(fd)
+}
+
+impl Sockets {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall; the fd is owned right away.
+        let ep = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: a fresh fd nothing else owns.
+        let ep = unsafe { OwnedFd::from_raw_fd(ep) };
+        // SAFETY: the OwnedFd is moved into the AsyncFd, which keeps it open until both drop.
+        let epoll = unsafe { AsyncFd::register(ep) }?;
+        Ok(Self {
+            epoll,
+            ports: BTreeMap::new(),
+            failed: BTreeSet::new(),
+        })
+    }
+
+    /// Opens sockets for ports in `wanted` that have none, closes those of ports not in it.
+    pub fn sync(&mut self, wanted: &BTreeSet<u32>) {
+        self.ports.retain(|i, _| wanted.contains(i));
+        self.failed.retain(|i| wanted.contains(i));
+        for &ifindex in wanted {
+            if self.ports.contains_key(&ifindex) || self.failed.contains(&ifindex) {
+                continue;
+            }
+            match open(ifindex).and_then(|fd| {
+                let mut ev = libc::epoll_event {
+                    events: libc::EPOLLIN as u32,
+                    u64: u64::from(ifindex),
+                };
+                // SAFETY: valid epoll and socket fds and event. Closing the socket later
+                // removes it from the set.
+                cvt(unsafe {
+                    libc::epoll_ctl(
+                        self.epoll.get_ref().as_raw_fd(),
+                        libc::EPOLL_CTL_ADD,
+                        fd.as_raw_fd(),
+                        &raw mut ev,
+                    )
+                })?;
+                Ok(fd)
+            }) {
+                Ok(fd) => {
+                    self.ports.insert(ifindex, fd);
+                }
+                // The port vanished meanwhile (ENODEV), or packet sockets are refused
+                // (no CAP_NET_RAW): loop protection cannot watch it.
+                Err(e) => {
+                    tracing::warn!(
+                        ifindex,
+                        "loop protection cannot watch this port (packet socket: {e})"
+                    );
+                    self.failed.insert(ifindex);
+                }
+            }
+        }
+    }
+
+    /// Whether `ifindex` has a socket.
+    pub fn watching(&self, ifindex: u32) -> bool {
+        self.ports.contains_key(&ifindex)
+    }
+
+    /// Puts `frame` on the wire of port `ifindex`.
+    pub fn send(&self, ifindex: u32, frame: &[u8]) -> io::Result<()> {
+        let fd = self
+            .ports
+            .get(&ifindex)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no socket on this port"))?;
+        // SAFETY: a valid fd and buffer.
+        let n = unsafe {
+            libc::send(
+                fd.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Waits until a port socket has a frame, then reads every frame queued into `out`.
+    pub async fn recv(&self, out: &mut Vec<Received>) -> io::Result<()> {
+        let mut guard = self.epoll.readable().await?;
+        self.drain(out);
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Reads every frame queued now into `out`, without waiting.
+    pub fn drain(&self, out: &mut Vec<Received>) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 32];
+        loop {
+            // SAFETY: a valid epoll fd and event buffer; zero timeout.
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.epoll.get_ref().as_raw_fd(),
+                    events.as_mut_ptr(),
+                    32,
+                    0,
+                )
+            };
+            let Ok(n) = usize::try_from(n) else { return };
+            if n == 0 {
+                return;
+            }
+            for ev in &events[..n] {
+                let ifindex = u32::try_from(ev.u64).unwrap_or(0);
+                if let Some(fd) = self.ports.get(&ifindex) {
+                    read_all(fd.as_raw_fd(), ifindex, out);
+                }
+            }
+        }
+    }
+
+    /// Frames the kernel dropped because a socket's queue was full, summed over ports, since
+    /// the last call (a storm of BPDUs can do that; the first one is what counts).
+    pub fn take_drops(&self) -> u64 {
+        self.ports
+            .values()
+            .map(|fd| {
+                let mut st = [0u32; 2];
+                let mut len = size_of::<[u32; 2]>() as libc::socklen_t;
+                // SAFETY: struct tpacket_stats is two u32s; the buffer and length match.
+                let r = unsafe {
+                    libc::getsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_PACKET,
+                        PACKET_STATISTICS,
+                        st.as_mut_ptr().cast(),
+                        &raw mut len,
+                    )
+                };
+                if r == 0 { u64::from(st[1]) } else { 0 }
+            })
+            .sum()
+    }
+}
+
+/// Frames read from one socket per wakeup: a storm of BPDUs must not keep the agent here. The
+/// socket stays readable (level-triggered), so the rest is read on the next turn.
+const READ_BATCH: usize = 256;
+
+fn read_all(fd: RawFd, ifindex: u32, out: &mut Vec<Received>) {
+    let mut buf = [0u8; frame::SNAP_LEN as usize];
+    for _ in 0..READ_BATCH {
+        // SAFETY: a valid fd and buffer.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        let Ok(n) = usize::try_from(n) else { return };
+        out.push(Received {
+            ifindex,
+            frame: buf[..n.min(buf.len())].to_vec(),
+        });
+    }
+}
