@@ -3,7 +3,8 @@
 //! comes back on the loop's ports, so its source address moves again and again within
 //! microseconds. This program counts moves per (bridge, VLAN, MAC) in an LRU map and reports an
 //! address that flaps ([`fdb::FLAP_MOVES`] moves within [`fdb::FLAP_WINDOW_NS`]), at most once
-//! per [`fdb::REPORT_EVERY_NS`] per address, so a storm costs a few reports, not one per frame.
+//! per [`fdb::REPORT_EVERY_NS`] per address, and counts afresh after each report, so a storm
+//! costs a few reports, not one per frame.
 //!
 //! Two entry points over one function: tp_btf where the kernel has BTF for the tracepoint,
 //! raw_tracepoint otherwise. Both get the tracepoint's arguments: `(struct net_bridge *br,
@@ -118,13 +119,18 @@ fn on_fdb_update(br: u64, source: u64, addr: u64, vid: u16) {
         return;
     }
     seen.reported = now;
+    let moves = seen.moves;
+    // Counted afresh: frames still in flight when the loop is cut move an address once or
+    // twice more, which must not read as a second loop.
+    seen.window_start = now;
+    seen.moves = 0;
     let flap = FdbFlap {
         ktime_ns: now,
         netns,
         bridge_ifindex,
         port_ifindex,
         prev_ifindex: prev,
-        moves: seen.moves,
+        moves,
         vid,
         mac,
         _reserved: [0; 4],

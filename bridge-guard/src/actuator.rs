@@ -1,9 +1,13 @@
 //! The actuator: the only writer. Applies planned repairs through rtnetlink and returns once
 //! the kernel acknowledged each.
 
-use netlink_packet_route::link::{
-    BridgePortState, BridgeStpState, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo,
-    LinkMessage,
+use netlink_packet_core::DefaultNla;
+use netlink_packet_route::{
+    AddressFamily,
+    link::{
+        BridgePortState, BridgeStpState, InfoBridge, InfoData, InfoKind, LinkAttribute, LinkInfo,
+        LinkMessage, LinkProtoInfoBridge,
+    },
 };
 use rtnetlink::{Handle, LinkBridgePort, LinkUnspec};
 
@@ -48,6 +52,34 @@ fn stp_state(bridge_ifindex: u32, state: BridgeStpState) -> LinkMessage {
         LinkInfo::Kind(InfoKind::Bridge),
         LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::StpState(state)])),
     ]));
+    msg
+}
+
+/// Flushes the bridge's learned (non-static) addresses (`IFLA_BR_FDB_FLUSH`).
+fn fdb_flush(bridge_ifindex: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = bridge_ifindex;
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Bridge),
+        LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::FdbFlush])),
+    ]));
+    msg
+}
+
+/// `IFLA_BRPORT_STATE` inside AF_BRIDGE `IFLA_PROTINFO`.
+const IFLA_BRPORT_STATE: u16 = 1;
+
+/// An AF_BRIDGE port-state change (what `bridge link set dev P state S` sends). Not the
+/// `IFLA_INFO_SLAVE_DATA` route: that one ends in a NETDEV_CHANGE, on which the bridge enables
+/// a disabled port again at once.
+fn af_bridge_port_state(port_ifindex: u32, state: BridgePortState) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.interface_family = AddressFamily::Bridge;
+    msg.header.index = port_ifindex;
+    msg.attributes
+        .push(LinkAttribute::ProtoInfoBridge(vec![LinkProtoInfoBridge::Other(
+            DefaultNla::new(IFLA_BRPORT_STATE, vec![u8::from(state)]),
+        )]));
     msg
 }
 
@@ -116,14 +148,19 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, Actuator
             .execute()
             .await
         }
-        Action::HoldDown { port_ifindex, .. } => {
-            link.set_port(
-                LinkBridgePort::new(*port_ifindex)
-                    .state(BridgePortState::Disabled)
-                    .build(),
-            )
-            .execute()
-            .await
+        Action::HoldDown {
+            port_ifindex,
+            bridge_ifindex,
+            ..
+        } => {
+            let held = link
+                .set(af_bridge_port_state(*port_ifindex, BridgePortState::Disabled))
+                .execute()
+                .await;
+            match held {
+                Ok(()) => link.change(fdb_flush(*bridge_ifindex)).execute().await,
+                Err(e) => Err(e),
+            }
         }
     };
     result.map(|()| Applied::Done).map_err(err)

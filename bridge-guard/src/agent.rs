@@ -342,10 +342,6 @@ impl Agent {
                 tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
                 self.resync().await?;
             }
-            for d in self.loops.update(&self.model, monotonic_ns()) {
-                self.acc().on_loop_detected(&d.bridge, &d.port, d.evidence.kind());
-                self.dirty = true;
-            }
             self.reconcile(woke).await;
             // Publishing (state file, textfile) waits a little and coalesces: it must never
             // sit between a fault's notifications and their repair.
@@ -557,6 +553,11 @@ impl Agent {
                     now,
                 );
             }
+        }
+        // Loop protection first: what it saw decides which ports may forward.
+        for d in self.loops.update(&self.model, now) {
+            self.acc().on_loop_detected(&d.bridge, &d.port, d.evidence.kind());
+            self.dirty = true;
         }
         for l in self.loops.refresh(&self.netlink.handle, &self.model).await {
             let t = self.model.apply_netlink(NetlinkEvent::Link(l), monotonic_ns());

@@ -86,9 +86,12 @@ pub enum Action {
         bridge_ifindex: u32,
     },
     /// Out of forwarding for a loop (port state disabled: with STP off, the kernel turns a
-    /// port set to blocking straight back to forwarding; disabled it leaves alone).
+    /// port set to blocking straight back to forwarding; disabled it leaves alone), and the
+    /// bridge's learned addresses flushed, as STP does on a topology change: the loop taught
+    /// it wrong ports for its guests' MACs.
     HoldDown {
         bridge: String,
+        bridge_ifindex: u32,
         port: String,
         port_ifindex: u32,
     },
@@ -129,6 +132,7 @@ impl Action {
                 bridge,
                 port,
                 port_ifindex,
+                ..
             } => format!("hold-down:{bridge}:{port}@{port_ifindex}"),
         }
     }
@@ -392,6 +396,7 @@ fn plan_bridge(model: &Model, guard: &Guard, ctx: &Context, plan: &mut Plan) {
                 {
                     Some(Action::HoldDown {
                         bridge: name.to_owned(),
+                        bridge_ifindex: br.ifindex,
                         port: p.name.clone(),
                         port_ifindex: p.ifindex,
                     })
@@ -896,6 +901,7 @@ mod tests {
         };
         let hold_down = Action::HoldDown {
             bridge: "br0".into(),
+            bridge_ifindex: 7,
             port: "vnet1".into(),
             port_ifindex: 10,
         };

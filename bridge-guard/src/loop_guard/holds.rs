@@ -17,17 +17,20 @@ use crate::{model::Ktime, sources::netlink::BridgeIdent};
 pub const PROBE_WAIT_NS: Ktime = 20_000_000;
 /// How often every port is probed while nothing happens.
 pub const PROBE_EVERY_NS: Ktime = 2_000_000_000;
-/// Hold-down lengths, first time and on each repeat.
-const HOLD_NS: [Ktime; 6] = [
-    2_000_000_000,
-    4_000_000_000,
-    8_000_000_000,
-    16_000_000_000,
-    32_000_000_000,
+/// Hold-down lengths, first time and on each repeat. The shortest spans two periodic probe
+/// rounds, so that a loop that persists is seen again before its hold runs out.
+const HOLD_NS: [Ktime; 5] = [
+    5_000_000_000,
+    10_000_000_000,
+    20_000_000_000,
+    40_000_000_000,
     60_000_000_000,
 ];
 /// After this long without a loop on a port, its next hold starts short again.
 const FORGET_NS: Ktime = 300_000_000_000;
+/// Frames still in flight when a loop is cut move addresses a little longer: for this long,
+/// a sighting on the cut loop's other port counts as that loop, not as a new one.
+const SETTLE_NS: Ktime = 250_000_000;
 
 /// What showed a loop.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -109,6 +112,8 @@ pub struct Hold {
     pub since: Ktime,
     pub evidence: Evidence,
     pub other: Option<String>,
+    #[serde(skip)]
+    pub other_ifindex: Option<u32>,
     /// Sightings during this hold.
     pub sightings: u64,
 }
@@ -165,8 +170,24 @@ impl Holds {
         forwarding_since: impl Fn(u32) -> Option<Ktime>,
     ) -> Option<Detection> {
         let candidates: Vec<&Port> = std::iter::once(&s.port).chain(s.other.as_ref()).collect();
-        // Already held: the loop is cut there; it persists, so the hold lasts.
-        if let Some(&(ifindex, _)) = candidates.iter().find(|(i, _)| self.holds.contains_key(i)) {
+        // Already held: the loop is cut there; it persists, so the hold lasts. Just cut: the
+        // last frames of that loop still arrive on its other port.
+        let just_cut = |i: u32| {
+            self.holds.iter().find_map(|(held, h)| {
+                (h.other_ifindex == Some(i)
+                    && h.bridge_ifindex == s.bridge_ifindex
+                    && s.at.saturating_sub(h.since) < SETTLE_NS)
+                    .then_some(*held)
+            })
+        };
+        let held = candidates.iter().find_map(|(i, _)| {
+            if self.holds.contains_key(i) {
+                Some(*i)
+            } else {
+                just_cut(*i)
+            }
+        });
+        if let Some(ifindex) = held.as_ref() {
             let h = self.holds.get_mut(ifindex)?;
             h.sightings += 1;
             let detection = match h.phase {
@@ -201,10 +222,8 @@ impl Holds {
             .iter()
             .rev()
             .max_by_key(|(i, _)| forwarding_since(*i).map_or(Ktime::MAX, |t| t))?;
-        let other = candidates
-            .iter()
-            .find(|(i, _)| *i != victim.0)
-            .map(|(_, n)| n.clone());
+        let other = candidates.iter().find(|(i, _)| *i != victim.0);
+        let (other_ifindex, other) = (other.map(|(i, _)| *i), other.map(|(_, n)| n.clone()));
         let level = match self.history.get(&victim.0) {
             Some(&(level, last)) if s.at.saturating_sub(last) < FORGET_NS => {
                 (level + 1).min(HOLD_NS.len() - 1)
@@ -226,6 +245,7 @@ impl Holds {
                 since: s.at,
                 evidence: s.evidence.clone(),
                 other: other.clone(),
+                other_ifindex,
                 sightings: 1,
             },
         );
@@ -397,12 +417,12 @@ mod tests {
         let mut h = Holds::default();
         let none = |_| None;
         h.observe(probe((10, "vnet1"), (9, "vnet0"), 0), none);
-        // Seen again at 1.5 s: held until 3.5 s.
-        h.observe(probe((10, "vnet1"), (9, "vnet0"), 1_500 * MS), none);
-        assert!(h.tick(3 * S).is_empty());
-        assert_eq!(h.tick(3_500 * MS), BTreeSet::from([7]), "re-probe now");
+        // Seen again at 2 s: held until 7 s.
+        h.observe(probe((10, "vnet1"), (9, "vnet0"), 2 * S), none);
+        assert!(h.tick(6 * S).is_empty());
+        assert_eq!(h.tick(7 * S), BTreeSet::from([7]), "re-probe now");
         assert!(matches!(h.verdict(10), Some(Verdict::Hold { .. })), "still out while rechecking");
-        h.tick(3_500 * MS + PROBE_WAIT_NS);
+        h.tick(7 * S + PROBE_WAIT_NS);
         assert_eq!(h.verdict(10), Some(Verdict::Release));
         h.settle(|_| true, |_| false);
         assert_eq!(h.verdict(10), Some(Verdict::Release), "until it forwards");
@@ -415,30 +435,44 @@ mod tests {
         let mut h = Holds::default();
         let none = |_| None;
         let first = h.observe(probe((10, "vnet1"), (9, "vnet0"), 0), none);
-        assert_eq!(first.map(|d| d.hold_ns), Some(2 * S));
-        h.tick(2 * S);
+        assert_eq!(first.map(|d| d.hold_ns), Some(5 * S));
+        h.tick(5 * S);
         // The re-probe finds the loop still there.
         let again = h
-            .observe(probe((10, "vnet1"), (9, "vnet0"), 2 * S + MS), none)
+            .observe(probe((10, "vnet1"), (9, "vnet0"), 5 * S + MS), none)
             .expect("detection");
         assert!(again.repeat);
-        assert_eq!(again.hold_ns, 4 * S);
+        assert_eq!(again.hold_ns, 10 * S);
         // Released, then the loop forms again soon after: longer still.
-        h.tick(6 * S + MS);
-        h.tick(6 * S + MS + PROBE_WAIT_NS);
+        h.tick(15 * S + MS);
+        h.tick(15 * S + MS + PROBE_WAIT_NS);
         h.settle(|_| true, |_| true);
         let later = h
-            .observe(probe((10, "vnet1"), (9, "vnet0"), 10 * S), none)
+            .observe(probe((10, "vnet1"), (9, "vnet0"), 20 * S), none)
             .expect("detection");
-        assert_eq!(later.hold_ns, 8 * S);
+        assert_eq!(later.hold_ns, 20 * S);
         // Long after, it starts short again.
-        h.tick(20 * S);
-        h.tick(20 * S + PROBE_WAIT_NS);
+        h.tick(40 * S);
+        h.tick(40 * S + PROBE_WAIT_NS);
         h.settle(|_| true, |_| true);
         let much_later = h
             .observe(probe((10, "vnet1"), (9, "vnet0"), 400 * S), none)
             .expect("detection");
-        assert_eq!(much_later.hold_ns, 2 * S);
+        assert_eq!(much_later.hold_ns, 5 * S);
+    }
+
+    #[test]
+    fn the_last_frames_of_a_cut_loop_are_not_a_second_loop() {
+        let mut h = Holds::default();
+        let none = |_| None;
+        h.observe(probe((10, "vnet1"), (9, "vnet0"), 0), none);
+        // A guest's MAC moves between its own port and the loop's other port once more.
+        let late = probe((11, "vnet2"), (9, "vnet0"), 100 * MS);
+        assert!(h.observe(late.clone(), none).is_none());
+        assert_eq!(h.holds().count(), 1);
+        // Later, the same is a loop of its own.
+        let d = h.observe(Sighting { at: 300 * MS, ..late }, none);
+        assert_eq!(d.map(|d| d.port), Some("vnet2".to_owned()));
     }
 
     #[test]

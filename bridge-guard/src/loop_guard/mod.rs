@@ -321,6 +321,7 @@ impl LoopGuard {
         let frames = std::mem::take(&mut self.frames);
         for r in &frames {
             if let Some(s) = self.frame_sighting(r, model, now) {
+                tracing::debug!(bridge = %s.bridge, port = %s.port.1, "loop sighting: {}", s.evidence);
                 detections.extend(self.holds.observe(s, since));
             }
         }
@@ -515,6 +516,7 @@ impl LoopGuard {
                 None => {}
             }
         }
+        tracing::debug!(bridge = %br.name, ports = sent.len(), "probe round");
         self.holds.start_round(bridge_ifindex, sent, now);
         if let Some(s) = &self.sockets {
             let drops = s.take_drops();
