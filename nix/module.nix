@@ -32,6 +32,7 @@ let
     "CAP_PERFMON" # attach tracing programs
     "CAP_SYSLOG" # kernel addresses in /proc/kallsyms (tracepoint tier)
     "CAP_SYS_RESOURCE" # RLIMIT_MEMLOCK on kernels before 5.11
+    "CAP_NET_RAW" # loop protection: a packet socket per guarded port (probes, BPDU guard)
   ];
 in
 {
@@ -114,7 +115,7 @@ in
         ProtectClock = true;
         ProtectHostname = true;
         ProtectProc = "invisible";
-        RestrictAddressFamilies = [ "AF_UNIX" "AF_NETLINK" "AF_INET" "AF_INET6" ];
+        RestrictAddressFamilies = [ "AF_UNIX" "AF_NETLINK" "AF_INET" "AF_INET6" "AF_PACKET" ];
         IPAddressDeny = "any";
         IPAddressAllow = "localhost";
         RestrictNamespaces = true;

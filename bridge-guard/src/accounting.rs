@@ -155,6 +155,8 @@ pub struct Accounting {
     pub hooks: Vec<(String, String)>,
     /// (bridge, port, evidence kind) -> ports taken out of forwarding for a loop.
     pub loops_detected: BTreeMap<(String, String, &'static str), u64>,
+    /// Bridge -> repairs refused right now (a hazard, a loop STP sees, ...).
+    pub refusals: BTreeMap<String, u64>,
 }
 
 impl Accounting {
@@ -242,6 +244,16 @@ impl Accounting {
             if let Some(acc) = port.and_then(|p| self.ports.get_mut(p)) {
                 acc.repairs += 1;
             }
+        }
+    }
+
+    /// Records the refusals the last plan made.
+    pub fn on_refusals(&mut self, refusals: &[crate::planner::Refusal]) {
+        for n in self.refusals.values_mut() {
+            *n = 0;
+        }
+        for r in refusals {
+            *self.refusals.entry(r.bridge.clone()).or_default() += 1;
         }
     }
 

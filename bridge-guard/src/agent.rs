@@ -137,7 +137,7 @@ impl Agent {
                 ),
             }
         }
-        let mut loops = LoopGuard::new(&cfg.guards, probes.as_mut());
+        let mut loops = LoopGuard::new(&cfg.guards, probes.as_mut(), cfg.observe);
         let mut model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
         model.trust_kernel_port_states(probes.as_ref().is_some_and(complete_port_states));
         // A restarted agent must not forget a tap detached while it was down: the previous
@@ -212,7 +212,8 @@ impl Agent {
         for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
             self.model.remember(&bridge, &port);
         }
-        self.loops.resync(&self.netlink.handle, &self.model).await;
+        let found = self.loops.resync(&self.netlink.handle, &self.model).await;
+        self.account_loops(&found);
         self.record_transitions(&transitions);
         self.reconcile(monotonic_ns()).await;
         Ok(())
@@ -528,6 +529,14 @@ impl Agent {
         }
     }
 
+    fn account_loops(&mut self, found: &[crate::loop_guard::holds::Detection]) {
+        for d in found {
+            self.acc()
+                .on_loop_detected(&d.bridge, &d.port, d.evidence.kind());
+            self.dirty = true;
+        }
+    }
+
     /// Plans and applies the repairs the model calls for.
     async fn reconcile(&mut self, woke: Ktime) {
         self.repair(woke).await;
@@ -555,10 +564,8 @@ impl Agent {
             }
         }
         // Loop protection first: what it saw decides which ports may forward.
-        for d in self.loops.update(&self.model, now) {
-            self.acc().on_loop_detected(&d.bridge, &d.port, d.evidence.kind());
-            self.dirty = true;
-        }
+        let found = self.loops.update(&self.model, now);
+        self.account_loops(&found);
         for l in self.loops.refresh(&self.netlink.handle, &self.model).await {
             let t = self.model.apply_netlink(NetlinkEvent::Link(l), monotonic_ns());
             self.record_transitions(&t);
@@ -572,6 +579,7 @@ impl Agent {
         }
         if plan.refusals != self.refusals {
             self.refusals.clone_from(&plan.refusals);
+            self.acc().on_refusals(&self.refusals);
             self.dirty = true;
         }
         if self.cfg.observe {

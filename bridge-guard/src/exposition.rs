@@ -277,6 +277,14 @@ pub fn render(acc: &Accounting, now: Ktime) -> String {
         );
     }
     o.family(
+        "bridge_guard_refusals",
+        "gauge",
+        "Repairs the agent refuses on the bridge right now (see `bridge-guard status` for why).",
+    );
+    for (bridge, n) in &acc.refusals {
+        o.sample("bridge_guard_refusals", &[("bridge", bridge)], f(*n));
+    }
+    o.family(
         "bridge_guard_loops_detected_total",
         "counter",
         "Ports taken out of forwarding by loop protection, by what showed the loop (probe, bpdu, mac_flap).",

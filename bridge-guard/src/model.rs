@@ -189,11 +189,20 @@ impl Model {
     /// Replaces every link with a fresh dump.
     pub fn reset(&mut self, links: Vec<LinkSnapshot>, now: Ktime) -> Vec<Transition> {
         self.links = links.into_iter().map(|l| (l.ifindex, l)).collect();
-        self.by_name = self
-            .links
-            .values()
-            .map(|l| (l.name.clone(), l.ifindex))
-            .collect();
+        let before = std::mem::replace(
+            &mut self.by_name,
+            self.links
+                .values()
+                .map(|l| (l.name.clone(), l.ifindex))
+                .collect(),
+        );
+        // A member's name on another device now: deleted and re-created while notifications
+        // were lost. The new device was never a member (libvirt names every network's taps
+        // vnetN); it is learned again if it joins.
+        let by_name = &self.by_name;
+        for m in self.members.values_mut() {
+            m.retain(|p| before.get(p).is_none_or(|i| by_name.get(p).is_none_or(|j| i == j)));
+        }
         self.refresh(now, Clock::Netlink, None)
     }
 

@@ -975,6 +975,24 @@ mod tests {
     }
 
     #[test]
+    fn a_member_re_created_unseen_is_a_new_device_and_not_a_member() {
+        let mut m = model(vec![
+            bridge(7, "br0", StpMode::Off),
+            vnet(9, "vnet0", PortState::Forwarding),
+        ]);
+        // Deleted and re-created (another network's guest) while notifications were lost: the
+        // next dump shows a fresh vnet0 without a master.
+        m.reset(
+            vec![
+                bridge(7, "br0", StpMode::Off),
+                link(21, "vnet0", TAP, None),
+            ],
+            5,
+        );
+        assert_eq!(plan(&m, &guard("br0")), Plan::default());
+    }
+
+    #[test]
     fn globs() {
         assert!(glob_match("vnet*", "vnet12"));
         assert!(glob_match("vnet?", "vnet1"));

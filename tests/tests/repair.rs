@@ -290,11 +290,22 @@ fn fix_repairs_once_and_exits() -> anyhow::Result<()> {
     let lab = VmLab::new(PREFIX, "fix", 2)?;
     lab.host.ip("link set vnet1 nomaster")?;
     lab.host.ip("link set br0 down")?;
+    // vnet1 was detached before fix ran: libvirt's live XML says it belongs to br0 (a name
+    // pattern alone never makes a port a member).
+    let libvirt = std::env::temp_dir().join(format!("{}-libvirt", lab.host.name));
+    std::fs::create_dir_all(&libvirt)?;
+    std::fs::write(
+        libvirt.join("guest.xml"),
+        "<domstatus><domain><devices><interface type='bridge'><source bridge='br0'/>\
+         <target dev='vnet1'/></interface></devices></domain></domstatus>",
+    )?;
     let out = lab
         .host
         .command(agent_bin())
-        .args(["fix", "br0", "--port-pattern", "vnet*"])
+        .args(["fix", "br0", "--port-pattern", "vnet*", "--libvirt-dir"])
+        .arg(&libvirt)
         .output()?;
+    let _ = std::fs::remove_dir_all(&libvirt);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

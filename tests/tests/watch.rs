@@ -141,6 +141,8 @@ fn doctor_reports_tiers_and_every_kprobe_program_passes_the_verifier() -> anyhow
         "timer_expire_entry",
         "timer_expire_exit",
         "timer_cancel",
+        "fdb_update_btf",
+        "fdb_update_raw",
     ] {
         assert_eq!(programs[name], "ok", "{name}: {}", programs[name]);
     }
@@ -150,14 +152,15 @@ fn doctor_reports_tiers_and_every_kprobe_program_passes_the_verifier() -> anyhow
         .iter()
         .map(|h| h["hook"].as_str().unwrap_or(""))
         .collect();
-    assert_eq!(names, ["port-state", "join", "leave", "stp"]);
+    assert_eq!(names, ["port-state", "join", "leave", "stp", "fdb-flap"]);
     for h in hooks {
         // Every tier better than the chosen one carries the reason it failed.
         let failures = h["failures"].as_array().expect("failures listed");
         for f in failures {
             assert!(!f["reason"].as_str().unwrap_or("").is_empty(), "{h}");
         }
-        if h["tier"] != "fentry" {
+        // fdb-flap's best tier is its tracepoint.
+        if h["tier"] != "fentry" && h["hook"] != "fdb-flap" {
             assert!(
                 !failures.is_empty(),
                 "fentry not chosen but no reason given: {h}"

@@ -11,6 +11,7 @@ use crate::{
     model::Model,
     planner,
     sources::netlink::{self, Netlink},
+    status::Status,
     sys::{caps::Caps, clock::monotonic_ns},
 };
 
@@ -50,17 +51,20 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     for (bridge, port) in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
         model.remember(&bridge, &port);
     }
+    // Members the agent learned (a port detached before this run is known only there).
+    if let Ok(previous) = Status::read(&settings.state_dir) {
+        for b in previous.bridges.iter().filter(|b| b.name == args.bridge) {
+            for p in &b.ports {
+                model.remember(&b.name, &p.name);
+            }
+        }
+    }
     // Judged as the agent judges: hazards beyond this namespace too, ports kernel STP blocks for
     // a loop keep STP on, and one probe round (milliseconds) before any port is forced.
-    let mut loops = LoopGuard::new(&guards, None);
+    let mut loops = LoopGuard::new(&guards, None, args.dry_run);
     loops.resync(&nl.handle, &model).await;
     for l in loops.refresh(&nl.handle, &model).await {
         model.apply_netlink(netlink::NetlinkEvent::Link(l), monotonic_ns());
-    }
-    loops.update(&model, monotonic_ns());
-    while loops.probing() {
-        loops.wait().await;
-        loops.update(&model, monotonic_ns());
     }
     let plan = planner::plan(&model, &guards, &loops.context(&model));
     for r in &plan.refusals {

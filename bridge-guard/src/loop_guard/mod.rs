@@ -84,6 +84,12 @@ pub struct LoopGuard {
     stp_off_by_us: BTreeSet<String>,
     /// Bridges without a MAC already warned about.
     warned: BTreeSet<u32>,
+    /// Why there are no packet sockets at all, if so.
+    no_sockets: Option<String>,
+    /// Observe-only: loops are reported, not cut.
+    observe: bool,
+    /// Whether the first probe round (before the first repair pass) was made.
+    started: bool,
 }
 
 fn random_nonce() -> u64 {
@@ -106,8 +112,9 @@ fn mac_text(m: &[u8; 6]) -> String {
 }
 
 impl LoopGuard {
-    /// Opens what loop protection needs for `guards` and logs which detectors run.
-    pub fn new(guards: &[Guard], probes: Option<&mut Probes>) -> Self {
+    /// Opens what loop protection needs for `guards` and logs which detectors run. `observe`:
+    /// loops are reported, not cut.
+    pub fn new(guards: &[Guard], probes: Option<&mut Probes>, observe: bool) -> Self {
         let nonce = random_nonce();
         let n = nonce.to_be_bytes();
         let protected: BTreeSet<String> = guards
@@ -134,6 +141,9 @@ impl LoopGuard {
             stp_checked: BTreeMap::new(),
             stp_off_by_us: BTreeSet::new(),
             warned: BTreeSet::new(),
+            no_sockets: None,
+            observe,
+            started: false,
         };
         if guard.protected.is_empty() {
             tracing::info!("loop protection: off (loop_protect = false on every guarded bridge)");
@@ -144,7 +154,10 @@ impl LoopGuard {
                 guard.sockets = Some(s);
                 "probes and BPDU guard: packet sockets".to_owned()
             }
-            Err(e) => format!("probes and BPDU guard: none ({e})"),
+            Err(e) => {
+                guard.no_sockets = Some(e.to_string());
+                format!("probes and BPDU guard: none ({e})")
+            }
         };
         let flapping = match probes {
             Some(p) if p.tier("fdb-flap") != Tier::None => match p.fdb_flaps() {
@@ -353,8 +366,9 @@ impl LoopGuard {
                 other = d.other.as_deref().unwrap_or("-"),
                 evidence = d.evidence.kind(),
                 hold_ms = d.hold_ns / 1_000_000,
-                "loop{}: taking {} out of forwarding for {:.0} s: {}; the loop's other port: {}",
+                "loop{}: {} {} out of forwarding for {:.0} s: {}; the loop's other port: {}",
                 if d.repeat { " again" } else { "" },
+                if self.observe { "observe-only, would take" } else { "taking" },
                 d.port,
                 d.hold_ns as f64 / 1e9,
                 d.evidence,
@@ -539,8 +553,9 @@ impl LoopGuard {
             .into_iter()
             .map(|(b, _)| (b.ifindex, b.stp == Some(StpMode::Kernel)))
             .collect();
-        let all: Vec<u32> = bridges.iter().map(|(b, _)| *b).collect();
-        self.peers.refresh(handle, model, &all).await;
+        self.peers
+            .refresh(handle, self.judged_ports(model), false)
+            .await;
         let now = monotonic_ns();
         let blocking: Vec<(u32, Ktime)> = bridges
             .iter()
@@ -570,10 +585,42 @@ impl LoopGuard {
         fresh
     }
 
+    /// The ports of the guarded bridges, and members to re-attach: both are judged by where
+    /// they lead.
+    fn judged_ports(&self, model: &Model) -> Vec<LinkSnapshot> {
+        let mut ports: Vec<LinkSnapshot> = self
+            .bridges(model)
+            .iter()
+            .flat_map(|(b, _)| model.ports_of(b.ifindex))
+            .cloned()
+            .collect();
+        ports.extend(
+            self.guarded
+                .iter()
+                .flat_map(|b| model.members(b))
+                .filter_map(|m| model.link_by_name(m))
+                .filter(|l| l.master.is_none())
+                .cloned(),
+        );
+        ports
+    }
+
     /// A full reconcile: looks beyond this namespace again, and lists the ports netlink could
-    /// not decode.
-    pub async fn resync(&mut self, handle: &Handle, model: &Model) {
-        self.peers.forget();
+    /// not decode. The first time, also probes every port and waits for the round (20 ms), so
+    /// that the first repair pass already knows which ports may be forced.
+    pub async fn resync(&mut self, handle: &Handle, model: &Model) -> Vec<Detection> {
+        let mut detections = Vec::new();
+        if !self.started {
+            self.started = true;
+            detections = self.update(model, monotonic_ns());
+            while self.probing() {
+                self.wait().await;
+                detections.extend(self.update(model, monotonic_ns()));
+            }
+        }
+        self.peers
+            .refresh(handle, self.judged_ports(model), true)
+            .await;
         let guarded: BTreeSet<u32> = self.bridges(model).iter().map(|(b, _)| b.ifindex).collect();
         match netlink::bridge_ports(handle).await {
             Ok(ports) => {
@@ -586,6 +633,7 @@ impl LoopGuard {
             }
             Err(e) => tracing::debug!("no AF_BRIDGE port list: {}", crate::error_chain(&e)),
         }
+        detections
     }
 
     /// What the planner needs from loop protection and the checks beyond the model.
@@ -600,13 +648,17 @@ impl LoopGuard {
             if !on {
                 continue;
             }
-            if self.sockets.is_none() && self.flaps.is_none() {
-                ctx.unprotected.insert(
-                    b.name.clone(),
-                    "neither packet sockets nor eBPF flap detection are available".to_owned(),
-                );
-            }
             for p in model.ports_of(b.ifindex) {
+                // A port nothing watches: no socket, and no flap detection to fall back on.
+                if self.flaps.is_none() && p.oper_up {
+                    let why = match &self.sockets {
+                        None => self.no_sockets.clone(),
+                        Some(s) => s.failure(p.ifindex).map(|e| format!("{}: {e}", p.name)),
+                    };
+                    if let Some(why) = why {
+                        ctx.unprotected.entry(b.name.clone()).or_insert(why);
+                    }
+                }
                 if let Some(v) = self.holds.verdict(p.ifindex) {
                     ctx.ports.insert(p.ifindex, v);
                 }

@@ -3,18 +3,16 @@
 //! knows it by (`IFLA_LINK_NETNSID`), and lets this socket query that namespace with
 //! `IFLA_TARGET_NETNSID`: the peer, its master, and that bridge's other ports, judged by kind.
 //!
-//! Other namespaces send no notifications here, so what is found is kept until the next full
-//! reconcile (`forget`) or until the port changes.
+//! Other namespaces send no notifications here, so what is found is kept until the port
+//! changes, and looked at again on every full reconcile (off the repair path: a reconcile dumps
+//! everything anyway).
 
 use std::collections::BTreeMap;
 
 use rtnetlink::Handle;
 
 use super::hazards::{Remote, bridge_hazard, kind_hazard};
-use crate::{
-    model::Model,
-    sources::netlink::{self, LinkKind, LinkSnapshot},
-};
+use crate::sources::netlink::{self, LinkKind, LinkSnapshot};
 
 /// What was found, per port ifindex, with what it was found for (netns id, remote ifindex).
 #[derive(Default)]
@@ -23,24 +21,25 @@ pub struct Peers {
 }
 
 impl Peers {
-    /// Looks at every port of `bridges` that leads into another namespace and was not looked
-    /// at yet. One round trip or three per such port, the first time only.
-    pub async fn refresh(&mut self, handle: &Handle, model: &Model, bridges: &[u32]) {
-        let ports: Vec<LinkSnapshot> = bridges
-            .iter()
-            .flat_map(|b| model.ports_of(*b))
+    /// Looks at every port in `ports` that leads into another namespace: those not looked at
+    /// yet, or all of them with `again`. One round trip or three per port.
+    pub async fn refresh(&mut self, handle: &Handle, ports: Vec<LinkSnapshot>, again: bool) {
+        let present: std::collections::BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
+        if again {
+            self.found.retain(|i, _| present.contains(i));
+        }
+        for p in ports
+            .into_iter()
             .filter(|p| matches!(p.kind, LinkKind::Veth | LinkKind::Stacked(_)))
-            .cloned()
-            .collect();
-        for p in ports {
+        {
             let (Some(nsid), Some(lower)) = (p.link_netnsid, p.lower) else {
                 continue;
             };
-            if self
+            let known = self
                 .found
                 .get(&p.ifindex)
-                .is_some_and(|(key, _)| *key == (nsid, lower))
-            {
+                .is_some_and(|(key, _)| *key == (nsid, lower));
+            if known && !again {
                 continue;
             }
             let verdict = look(handle, &p, nsid, lower).await;
@@ -49,11 +48,6 @@ impl Peers {
             }
             self.found.insert(p.ifindex, ((nsid, lower), verdict));
         }
-    }
-
-    /// Forgets everything (a full reconcile looks again) and ports no longer present.
-    pub fn forget(&mut self) {
-        self.found.clear();
     }
 
     /// What the planner needs.

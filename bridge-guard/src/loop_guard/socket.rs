@@ -33,8 +33,8 @@ pub struct Received {
 pub struct Sockets {
     epoll: AsyncFd<OwnedFd>,
     ports: BTreeMap<u32, OwnedFd>,
-    /// Ports whose socket could not be opened, so that each failure is logged once.
-    failed: BTreeSet<u32>,
+    /// Ports whose socket could not be opened, and why (each failure is logged once).
+    failed: BTreeMap<u32, String>,
 }
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -119,16 +119,16 @@ impl Sockets {
         Ok(Self {
             epoll,
             ports: BTreeMap::new(),
-            failed: BTreeSet::new(),
+            failed: BTreeMap::new(),
         })
     }
 
     /// Opens sockets for ports in `wanted` that have none, closes those of ports not in it.
     pub fn sync(&mut self, wanted: &BTreeSet<u32>) {
         self.ports.retain(|i, _| wanted.contains(i));
-        self.failed.retain(|i| wanted.contains(i));
+        self.failed.retain(|i, _| wanted.contains(i));
         for &ifindex in wanted {
-            if self.ports.contains_key(&ifindex) || self.failed.contains(&ifindex) {
+            if self.ports.contains_key(&ifindex) || self.failed.contains_key(&ifindex) {
                 continue;
             }
             match open(ifindex).and_then(|fd| {
@@ -158,10 +158,20 @@ impl Sockets {
                         ifindex,
                         "loop protection cannot watch this port (packet socket: {e})"
                     );
-                    self.failed.insert(ifindex);
+                    let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                        ", needs CAP_NET_RAW"
+                    } else {
+                        ""
+                    };
+                    self.failed.insert(ifindex, format!("packet socket: {e}{hint}"));
                 }
             }
         }
+    }
+
+    /// Why `ifindex` has no socket, if opening one failed.
+    pub fn failure(&self, ifindex: u32) -> Option<&str> {
+        self.failed.get(&ifindex).map(String::as_str)
     }
 
     /// Whether `ifindex` has a socket.
