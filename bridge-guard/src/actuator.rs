@@ -76,10 +76,9 @@ fn af_bridge_port_state(port_ifindex: u32, state: BridgePortState) -> LinkMessag
     let mut msg = LinkMessage::default();
     msg.header.interface_family = AddressFamily::Bridge;
     msg.header.index = port_ifindex;
-    msg.attributes
-        .push(LinkAttribute::ProtoInfoBridge(vec![LinkProtoInfoBridge::Other(
-            DefaultNla::new(IFLA_BRPORT_STATE, vec![u8::from(state)]),
-        )]));
+    msg.attributes.push(LinkAttribute::ProtoInfoBridge(vec![
+        LinkProtoInfoBridge::Other(DefaultNla::new(IFLA_BRPORT_STATE, vec![u8::from(state)])),
+    ]));
     msg
 }
 
@@ -154,7 +153,10 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, Actuator
             ..
         } => {
             let held = link
-                .set(af_bridge_port_state(*port_ifindex, BridgePortState::Disabled))
+                .set(af_bridge_port_state(
+                    *port_ifindex,
+                    BridgePortState::Disabled,
+                ))
                 .execute()
                 .await;
             match held {

@@ -567,7 +567,9 @@ impl Agent {
         let found = self.loops.update(&self.model, now);
         self.account_loops(&found);
         for l in self.loops.refresh(&self.netlink.handle, &self.model).await {
-            let t = self.model.apply_netlink(NetlinkEvent::Link(l), monotonic_ns());
+            let t = self
+                .model
+                .apply_netlink(NetlinkEvent::Link(l), monotonic_ns());
             self.record_transitions(&t);
         }
         let ctx = self.loops.context(&self.model);

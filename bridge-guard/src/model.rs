@@ -201,7 +201,11 @@ impl Model {
         // vnetN); it is learned again if it joins.
         let by_name = &self.by_name;
         for m in self.members.values_mut() {
-            m.retain(|p| before.get(p).is_none_or(|i| by_name.get(p).is_none_or(|j| i == j)));
+            m.retain(|p| {
+                before
+                    .get(p)
+                    .is_none_or(|i| by_name.get(p).is_none_or(|j| i == j))
+            });
         }
         self.refresh(now, Clock::Netlink, None)
     }

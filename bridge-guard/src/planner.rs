@@ -270,7 +270,12 @@ pub fn plan(model: &Model, guards: &[Guard], ctx: &Context) -> Plan {
 }
 
 /// Why repairing this bridge could create a loop or fight an owner.
-fn bridge_hazards(br: &LinkSnapshot, ports: &[&LinkSnapshot], model: &Model, ctx: &Context) -> Vec<String> {
+fn bridge_hazards(
+    br: &LinkSnapshot,
+    ports: &[&LinkSnapshot],
+    model: &Model,
+    ctx: &Context,
+) -> Vec<String> {
     let mut hazards: Vec<String> = ports
         .iter()
         .filter_map(|p| port_hazard(p, model, &ctx.remote))
@@ -351,7 +356,10 @@ fn plan_bridge(model: &Model, guard: &Guard, ctx: &Context, plan: &mut Plan) {
     let stp_on = br.stp == Some(StpMode::Kernel);
     let mut stp_off_planned = policy.stp_off && stp_on;
     if stp_off_planned {
-        let loops: Vec<String> = ports.iter().filter_map(|p| stp_loop(p, br, model)).collect();
+        let loops: Vec<String> = ports
+            .iter()
+            .filter_map(|p| stp_loop(p, br, model))
+            .collect();
         let unprotected = ctx.unprotected.get(name).filter(|_| policy.loop_protect);
         if !loops.is_empty() {
             refuse(plan, format!("STP stays on: {}", loops.join("; ")));
@@ -622,10 +630,7 @@ mod tests {
             bridge(7, "br0", StpMode::Off),
             link(9, "vnet0", TAP, Some(7)),
         ]);
-        m.apply_netlink(
-            NetlinkEvent::Link(link(9, "vnet0", TAP, None)),
-            1,
-        );
+        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", TAP, None)), 1);
         m.apply_netlink(
             NetlinkEvent::Removed {
                 ifindex: 7,
@@ -656,10 +661,7 @@ mod tests {
             bridge(8, "br1", StpMode::Off),
             link(9, "vnet0", TAP, Some(7)),
         ]);
-        m.apply_netlink(
-            NetlinkEvent::Link(link(9, "vnet0", TAP, Some(8))),
-            1,
-        );
+        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", TAP, Some(8))), 1);
         let mut guards = guard("br0");
         guards[0].policy.port_patterns = vec!["vnet*".into()];
         let p = plan(&m, &guards);
@@ -792,7 +794,10 @@ mod tests {
             ]);
             let p = plan(&m, &guard("br0"));
             assert!(p.actions.is_empty(), "{kind:?}: {p:?}");
-            assert!(p.refusals[0].reason.starts_with("left alone: x0 is"), "{kind:?}: {p:?}");
+            assert!(
+                p.refusals[0].reason.starts_with("left alone: x0 is"),
+                "{kind:?}: {p:?}"
+            );
         }
     }
 
@@ -828,7 +833,11 @@ mod tests {
                 bridge_ifindex: 7
             }]
         );
-        assert!(p.refusals[0].reason.contains("STP turned back on: vx0 is a vxlan tunnel port"));
+        assert!(
+            p.refusals[0]
+                .reason
+                .contains("STP turned back on: vx0 is a vxlan tunnel port")
+        );
     }
 
     #[test]
@@ -856,7 +865,10 @@ mod tests {
         };
         let m = model(vec![br, v0, v1]);
         let p = plan(&m, &guard("br0"));
-        assert!(p.actions.is_empty(), "neither STP off nor a forced port: {p:?}");
+        assert!(
+            p.actions.is_empty(),
+            "neither STP off nor a forced port: {p:?}"
+        );
         assert_eq!(p.refusals.len(), 1, "{p:?}");
         assert!(
             p.refusals[0]
@@ -877,17 +889,30 @@ mod tests {
         assert_eq!(p, Plan::default(), "deferred, silently, for milliseconds");
         let p = super::plan(&m, &guard("br0"), &ctx(&[(10, hold())]));
         assert!(p.actions.is_empty());
-        assert!(p.refusals[0].reason.starts_with("STP stays on: vnet1 is held"), "{p:?}");
+        assert!(
+            p.refusals[0]
+                .reason
+                .starts_with("STP stays on: vnet1 is held"),
+            "{p:?}"
+        );
         let c = Context {
             unprotected: [("br0".to_owned(), "no sockets".to_owned())].into(),
             ..Context::default()
         };
         let p = super::plan(&m, &guard("br0"), &c);
-        assert!(p.refusals[0].reason.contains("loop protection cannot run (no sockets)"));
+        assert!(
+            p.refusals[0]
+                .reason
+                .contains("loop protection cannot run (no sockets)")
+        );
         let mut guards = guard("br0");
         guards[0].policy.loop_protect = false;
         let p = super::plan(&m, &guards, &c);
-        assert_eq!(p.actions.len(), 3, "without loop protection: STP off at once: {p:?}");
+        assert_eq!(
+            p.actions.len(),
+            3,
+            "without loop protection: STP off at once: {p:?}"
+        );
     }
 
     #[test]
@@ -907,10 +932,14 @@ mod tests {
         };
         let m = model(links(PortState::Forwarding));
         let p = super::plan(&m, &guard("br0"), &ctx(&[(10, hold())]));
-        assert_eq!(p.actions, [hold_down.clone()]);
+        assert_eq!(p.actions, std::slice::from_ref(&hold_down));
         // Out: kept out, never forced back.
         let m = model(links(PortState::Disabled));
-        assert!(super::plan(&m, &guard("br0"), &ctx(&[(10, hold())])).actions.is_empty());
+        assert!(
+            super::plan(&m, &guard("br0"), &ctx(&[(10, hold())]))
+                .actions
+                .is_empty()
+        );
         let m = model(links(PortState::Listening));
         assert_eq!(
             super::plan(&m, &guard("br0"), &ctx(&[(10, hold())])).actions,
@@ -929,12 +958,18 @@ mod tests {
         );
         // Not probed yet: not forced until its round ends.
         let m = model(links(PortState::Learning));
-        assert!(super::plan(&m, &guard("br0"), &ctx(&[(10, Verdict::Unprobed)])).actions.is_empty());
+        assert!(
+            super::plan(&m, &guard("br0"), &ctx(&[(10, Verdict::Unprobed)]))
+                .actions
+                .is_empty()
+        );
         // Loop protection off: the hold is not asked for, the port forced as before.
         let mut guards = guard("br0");
         guards[0].policy.loop_protect = false;
         assert_eq!(
-            super::plan(&m, &guards, &ctx(&[(10, hold())])).actions.len(),
+            super::plan(&m, &guards, &ctx(&[(10, hold())]))
+                .actions
+                .len(),
             1
         );
     }
@@ -971,7 +1006,12 @@ mod tests {
         guards[0].policy.port_patterns.clear();
         let p = super::plan(&m, &guards, &ctx(&[(9, hold())]));
         assert!(p.actions.is_empty(), "{p:?}");
-        assert!(p.refusals[0].reason.starts_with("not re-attaching: vnet1 is held"), "{p:?}");
+        assert!(
+            p.refusals[0]
+                .reason
+                .starts_with("not re-attaching: vnet1 is held"),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -983,10 +1023,7 @@ mod tests {
         // Deleted and re-created (another network's guest) while notifications were lost: the
         // next dump shows a fresh vnet0 without a master.
         m.reset(
-            vec![
-                bridge(7, "br0", StpMode::Off),
-                link(21, "vnet0", TAP, None),
-            ],
+            vec![bridge(7, "br0", StpMode::Off), link(21, "vnet0", TAP, None)],
             5,
         );
         assert_eq!(plan(&m, &guard("br0")), Plan::default());

@@ -73,7 +73,10 @@ fn a_veth_whose_peer_is_on_a_bridge_with_a_vxlan_port_is_a_hazard() -> Result<()
         "link set vx0 up".to_owned(),
     ])?;
     lab.host.ip_batch(&[
-        format!("link add vethp type veth peer name vethq netns {}", far.name),
+        format!(
+            "link add vethp type veth peer name vethq netns {}",
+            far.name
+        ),
         "link set vethp master br0".to_owned(),
         "link set vethp up".to_owned(),
     ])?;
@@ -86,7 +89,8 @@ fn a_veth_whose_peer_is_on_a_bridge_with_a_vxlan_port_is_a_hazard() -> Result<()
     let status = agent.status()?;
     let r = refusals(&status);
     assert!(
-        r.contains("vethp's peer vethq") && r.contains("is on brx, where vx0 is a vxlan tunnel port"),
+        r.contains("vethp's peer vethq")
+            && r.contains("is on brx, where vx0 is a vxlan tunnel port"),
         "{status:#}"
     );
     assert_eq!(lab.stp_state()?, 1, "left alone");

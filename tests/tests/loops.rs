@@ -26,7 +26,10 @@ impl<'a> GuestLoop<'a> {
     fn new(lab: &'a VmLab, vm: usize, port: &str) -> Result<Self> {
         let guest = lab.vms.get(vm).context("no such VM")?;
         lab.host.ip_batch(&[
-            format!("link add {port} type veth peer name eth1 netns {}", guest.name),
+            format!(
+                "link add {port} type veth peer name eth1 netns {}",
+                guest.name
+            ),
             format!("link set {port} master {}", lab.bridge),
             format!("link set {port} up"),
         ])?;
@@ -133,7 +136,10 @@ fn a_guest_loop_on_an_stp_bridge_keeps_stp_on_past_max_age() -> Result<()> {
     })?;
     let refusals = status["bridges"][0]["refusals"].to_string();
     assert!(refusals.contains("STP stays on"), "{status:#}");
-    assert!(refusals.contains("a loop between vnet0 and vnet4"), "{status:#}");
+    assert!(
+        refusals.contains("a loop between vnet0 and vnet4"),
+        "{status:#}"
+    );
     let before = rx_packets(&lab, &["vnet0", "vnet4"])?;
     // Past max age: STP keeps the port blocked as long as the loop lasts, and the agent never
     // turns STP off or forces the port under it.
@@ -144,7 +150,10 @@ fn a_guest_loop_on_an_stp_bridge_keeps_stp_on_past_max_age() -> Result<()> {
     assert_eq!(port_state(&lab, "vnet4")?, "blocking");
     let through = rx_packets(&lab, &["vnet0", "vnet4"])? - before;
     // BPDUs, probes and a few guest packets, not a storm (which is ~10^6 packets/s).
-    assert!(through < 2_000, "{through} packets through the loop ports in 8 s");
+    assert!(
+        through < 2_000,
+        "{through} packets through the loop ports in 8 s"
+    );
     // The other guests talk, over ports STP let forward.
     wait_forwarding(&lab, &["vnet1", "vnet2", "vnet3"], HEAL)?;
     lab.guests_talk(1, 2, TALK)?;
@@ -152,9 +161,11 @@ fn a_guest_loop_on_an_stp_bridge_keeps_stp_on_past_max_age() -> Result<()> {
     // The guest ends its loop: STP unblocks the port after max age, loop protection finds no
     // loop any more, and the agent does its job again.
     guest.open()?;
-    agent.wait_log("STP off once the loop is gone", Duration::from_secs(40), |l| {
-        l.contains("repaired: turn STP off on br0")
-    })?;
+    agent.wait_log(
+        "STP off once the loop is gone",
+        Duration::from_secs(40),
+        |l| l.contains("repaired: turn STP off on br0"),
+    )?;
     wait_forwarding(&lab, &["vnet0", "vnet1", "vnet2", "vnet3", "vnet4"], HEAL)?;
     lab.guests_talk(2, 3, TALK)?;
     Ok(())
@@ -190,10 +201,17 @@ fn a_late_loop_is_cut_after_a_bounded_number_of_packets() -> Result<()> {
     let later = rx_packets(&lab, &["vnet0", "vnet3"])?;
     let through = cut - before;
     eprintln!("late loop: {through} packets through the loop ports before the cut ({line})");
-    assert!(later - cut < 200, "the loop kept forwarding: {} more packets", later - cut);
+    assert!(
+        later - cut < 200,
+        "the loop kept forwarding: {} more packets",
+        later - cut
+    );
     if flap_hook {
         // Cut at the first looped frames (MAC flapping), not after a probe interval.
-        assert!(through < 50_000, "{through} packets went round the loop before it was cut");
+        assert!(
+            through < 50_000,
+            "{through} packets went round the loop before it was cut"
+        );
     } else {
         eprintln!(
             "SKIP a_late_loop_is_cut_after_a_bounded_number_of_packets (bound): the fdb-flap \
@@ -243,7 +261,9 @@ fn a_fresh_vnet_tap_for_another_bridge_is_left_to_libvirt() -> Result<()> {
     // The race as measured in the field: the ioctl 20 ms after the tap appeared.
     std::thread::sleep(Duration::from_millis(20));
     let ifindex = lab.host.ifindex("vnet7")?;
-    netlab::in_netns(&lab.host.name, move || add_to_bridge_by_ioctl("br1", ifindex))?;
+    netlab::in_netns(&lab.host.name, move || {
+        add_to_bridge_by_ioctl("br1", ifindex)
+    })?;
     // Barrier: a later fault is repaired, so the agent has seen the tap come and join br1.
     lab.host.ip("link set br0 down")?;
     agent.wait_log("bridge up", HEAL, |l| l.contains("repaired: set br0 up"))?;

@@ -202,7 +202,14 @@ mod tests {
         assert_eq!(b.port_id, Some(0x8002));
         // A topology change notification carries no ids, and still counts.
         f[20] = 0x80;
-        assert!(matches!(parse(&f), Some(Frame::Bpdu(Bpdu { kind: 0x80, bridge: None, .. }))));
+        assert!(matches!(
+            parse(&f),
+            Some(Frame::Bpdu(Bpdu {
+                kind: 0x80,
+                bridge: None,
+                ..
+            }))
+        ));
     }
 
     #[test]

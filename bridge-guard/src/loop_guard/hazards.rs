@@ -188,7 +188,11 @@ mod tests {
             LinkKind::Local("dummy".into()),
             LinkKind::Stacked("macvlan".into()),
         ] {
-            assert_eq!(kind_hazard(&link(5, "p0", safe.clone(), Some(7))), None, "{safe:?}");
+            assert_eq!(
+                kind_hazard(&link(5, "p0", safe.clone(), Some(7))),
+                None,
+                "{safe:?}"
+            );
         }
     }
 
@@ -206,7 +210,10 @@ mod tests {
             None,
             "nobody has it open yet"
         );
-        assert!(tap(None, None, true).is_some(), "undecoded counts as a hazard");
+        assert!(
+            tap(None, None, true).is_some(),
+            "undecoded counts as a hazard"
+        );
     }
 
     #[test]
@@ -252,10 +259,16 @@ mod tests {
         let mut vlan = link(11, "bond0.5", LinkKind::Stacked("vlan".into()), Some(7));
         vlan.lower = Some(2);
         let bond = link(2, "bond0", LinkKind::Bond, None);
-        let m = model(vec![link(7, "br0", LinkKind::Bridge, None), bond, vlan.clone()]);
+        let m = model(vec![
+            link(7, "br0", LinkKind::Bridge, None),
+            bond,
+            vlan.clone(),
+        ]);
         let h = port_hazard(&vlan, &m, &Remote::new()).expect("hazard");
         assert_eq!(h, "bond0.5 is a vlan on bond0: bond0 is a bond");
         vlan.lower = Some(99);
-        assert!(port_hazard(&vlan, &m, &Remote::new()).is_some_and(|h| h.contains("does not show")));
+        assert!(
+            port_hazard(&vlan, &m, &Remote::new()).is_some_and(|h| h.contains("does not show"))
+        );
     }
 }

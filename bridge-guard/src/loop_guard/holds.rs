@@ -62,13 +62,19 @@ impl std::fmt::Display for Evidence {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Probe { sent_on, rtt_us } => {
-                write!(f, "our probe sent out of {sent_on} came back after {rtt_us} µs")
+                write!(
+                    f,
+                    "our probe sent out of {sent_on} came back after {rtt_us} µs"
+                )
             }
             Self::Bpdu { own: true, .. } => write!(f, "this bridge's own BPDU came back"),
             Self::Bpdu { from: Some(b), .. } => write!(f, "a BPDU from bridge {b} (BPDU guard)"),
             Self::Bpdu { from: None, .. } => write!(f, "a BPDU (BPDU guard)"),
             Self::Flap { mac, vid, moves } => {
-                write!(f, "MAC {mac} (vlan {vid}) moved between ports {moves} times within 1 s")
+                write!(
+                    f,
+                    "MAC {mac} (vlan {vid}) moved between ports {moves} times within 1 s"
+                )
             }
         }
     }
@@ -395,10 +401,16 @@ mod tests {
         let d = h
             .observe(probe((9, "vnet0"), (10, "vnet1"), MS), since)
             .expect("detection");
-        assert_eq!((d.port.as_str(), d.other.as_deref()), ("vnet1", Some("vnet0")));
+        assert_eq!(
+            (d.port.as_str(), d.other.as_deref()),
+            ("vnet1", Some("vnet0"))
+        );
         assert!(!d.repeat);
         // The same loop seen the other way round only extends the hold.
-        assert!(h.observe(probe((10, "vnet1"), (9, "vnet0"), 2 * MS), since).is_none());
+        assert!(
+            h.observe(probe((10, "vnet1"), (9, "vnet0"), 2 * MS), since)
+                .is_none()
+        );
         h.tick(PROBE_WAIT_NS);
         assert_eq!(h.verdict(9), None, "the other port is cleared");
         assert!(matches!(h.verdict(10), Some(Verdict::Hold { why }) if why.contains("with vnet0")));
@@ -421,13 +433,20 @@ mod tests {
         h.observe(probe((10, "vnet1"), (9, "vnet0"), 2 * S), none);
         assert!(h.tick(6 * S).is_empty());
         assert_eq!(h.tick(7 * S), BTreeSet::from([7]), "re-probe now");
-        assert!(matches!(h.verdict(10), Some(Verdict::Hold { .. })), "still out while rechecking");
+        assert!(
+            matches!(h.verdict(10), Some(Verdict::Hold { .. })),
+            "still out while rechecking"
+        );
         h.tick(7 * S + PROBE_WAIT_NS);
         assert_eq!(h.verdict(10), Some(Verdict::Release));
         h.settle(|_| true, |_| false);
         assert_eq!(h.verdict(10), Some(Verdict::Release), "until it forwards");
         h.settle(|_| true, |i| i == 10);
-        assert_eq!(h.verdict(10), Some(Verdict::Unprobed), "probed again as it forwards");
+        assert_eq!(
+            h.verdict(10),
+            Some(Verdict::Unprobed),
+            "probed again as it forwards"
+        );
     }
 
     #[test]
@@ -471,7 +490,13 @@ mod tests {
         assert!(h.observe(late.clone(), none).is_none());
         assert_eq!(h.holds().count(), 1);
         // Later, the same is a loop of its own.
-        let d = h.observe(Sighting { at: 300 * MS, ..late }, none);
+        let d = h.observe(
+            Sighting {
+                at: 300 * MS,
+                ..late
+            },
+            none,
+        );
         assert_eq!(d.map(|d| d.port), Some("vnet2".to_owned()));
     }
 

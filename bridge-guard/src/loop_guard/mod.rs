@@ -304,8 +304,11 @@ impl LoopGuard {
         if let Some(s) = &mut self.sockets {
             s.sync(&wanted);
         }
-        let forwarding =
-            |i: u32| model.link(i).is_some_and(|l| l.port_state == Some(PortState::Forwarding));
+        let forwarding = |i: u32| {
+            model
+                .link(i)
+                .is_some_and(|l| l.port_state == Some(PortState::Forwarding))
+        };
         self.holds.settle(|i| wanted.contains(&i), forwarding);
         self.next_round.retain(|b, _| bridges.contains(b));
 
@@ -315,11 +318,10 @@ impl LoopGuard {
         for (&port, &bridge) in &ports {
             let Some(l) = model.link(port) else { continue };
             let state = (l.oper_up, l.port_state == Some(PortState::Forwarding));
-            match self.last.insert(port, state) {
-                Some(prev) if !(state.0 && !prev.0) && !(state.1 && !prev.1) => {}
-                _ => {
-                    due.insert(bridge);
-                }
+            let prev = self.last.insert(port, state);
+            let rose = prev.is_none_or(|p| state.0 && !p.0 || state.1 && !p.1);
+            if rose {
+                due.insert(bridge);
             }
         }
         self.last.retain(|p, _| wanted.contains(p));
@@ -396,7 +398,11 @@ impl LoopGuard {
     }
 
     /// A port of a protected bridge in `model`, with its bridge.
-    fn port_of<'m>(&self, model: &'m Model, ifindex: u32) -> Option<(&'m LinkSnapshot, &'m LinkSnapshot)> {
+    fn port_of<'m>(
+        &self,
+        model: &'m Model,
+        ifindex: u32,
+    ) -> Option<(&'m LinkSnapshot, &'m LinkSnapshot)> {
         let port = model.link(ifindex)?;
         let bridge = model.link(port.master?)?;
         self.protected
@@ -579,7 +585,11 @@ impl LoopGuard {
             match netlink::link_in(handle, None, ifindex).await {
                 Ok(Some(l)) => fresh.push(l),
                 Ok(None) => {}
-                Err(e) => tracing::debug!(ifindex, "cannot fetch STP fields: {}", crate::error_chain(&e)),
+                Err(e) => tracing::debug!(
+                    ifindex,
+                    "cannot fetch STP fields: {}",
+                    crate::error_chain(&e)
+                ),
             }
         }
         fresh

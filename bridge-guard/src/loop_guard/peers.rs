@@ -64,7 +64,11 @@ async fn look(handle: &Handle, port: &LinkSnapshot, nsid: i32, lower: u32) -> Op
     let name = &port.name;
     let far = match netlink::link_in(handle, Some(nsid), lower).await {
         Ok(Some(l)) => l,
-        Ok(None) => return Some(format!("{name} leads to device {lower} in namespace {nsid}, which is gone")),
+        Ok(None) => {
+            return Some(format!(
+                "{name} leads to device {lower} in namespace {nsid}, which is gone"
+            ));
+        }
         Err(e) => {
             return Some(format!(
                 "cannot see where {name} leads (device {lower} in namespace {nsid}): {}",
@@ -73,8 +77,12 @@ async fn look(handle: &Handle, port: &LinkSnapshot, nsid: i32, lower: u32) -> Op
         }
     };
     if let LinkKind::Stacked(kind) = &port.kind {
-        return kind_hazard(&far)
-            .map(|h| format!("{name} is a {kind} on {} in namespace {nsid}: {h}", far.name));
+        return kind_hazard(&far).map(|h| {
+            format!(
+                "{name} is a {kind} on {} in namespace {nsid}: {h}",
+                far.name
+            )
+        });
     }
     let Some(master) = far.master else {
         return None; // An endpoint: a container's or a VM namespace's own interface.
@@ -91,7 +99,10 @@ async fn look(handle: &Handle, port: &LinkSnapshot, nsid: i32, lower: u32) -> Op
     };
     if m.kind != LinkKind::Bridge {
         return kind_hazard(&m).map(|h| {
-            format!("{name}'s peer {} (namespace {nsid}) is enslaved to {}: {h}", far.name, m.name)
+            format!(
+                "{name}'s peer {} (namespace {nsid}) is enslaved to {}: {h}",
+                far.name, m.name
+            )
         });
     }
     match netlink::ports_in(handle, nsid, master).await {

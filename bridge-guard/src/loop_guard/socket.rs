@@ -163,7 +163,8 @@ impl Sockets {
                     } else {
                         ""
                     };
-                    self.failed.insert(ifindex, format!("packet socket: {e}{hint}"));
+                    self.failed
+                        .insert(ifindex, format!("packet socket: {e}{hint}"));
                 }
             }
         }
@@ -214,12 +215,7 @@ impl Sockets {
         loop {
             // SAFETY: a valid epoll fd and event buffer; zero timeout.
             let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.get_ref().as_raw_fd(),
-                    events.as_mut_ptr(),
-                    32,
-                    0,
-                )
+                libc::epoll_wait(self.epoll.get_ref().as_raw_fd(), events.as_mut_ptr(), 32, 0)
             };
             let Ok(n) = usize::try_from(n) else { return };
             if n == 0 {
@@ -266,14 +262,7 @@ fn read_all(fd: RawFd, ifindex: u32, out: &mut Vec<Received>) {
     let mut buf = [0u8; frame::SNAP_LEN as usize];
     for _ in 0..READ_BATCH {
         // SAFETY: a valid fd and buffer.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
         let Ok(n) = usize::try_from(n) else { return };
         out.push(Received {
             ifindex,

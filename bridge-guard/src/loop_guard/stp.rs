@@ -31,7 +31,11 @@ pub fn stp_loop(port: &LinkSnapshot, bridge: &LinkSnapshot, model: &Model) -> Op
             "kernel STP holds {name} in blocking and netlink does not say why: counted as a loop"
         ));
     };
-    let others = || model.ports_of(bridge.ifindex).filter(|p| p.ifindex != port.ifindex);
+    let others = || {
+        model
+            .ports_of(bridge.ifindex)
+            .filter(|p| p.ifindex != port.ifindex)
+    };
     if designated != own {
         // The other end of the loop is where this bridge hears the same bridge, or its root.
         let other = others()

@@ -253,9 +253,7 @@ pub fn snapshot(msg: &LinkMessage) -> LinkSnapshot {
         match attr {
             LinkAttribute::IfName(n) => snap.name.clone_from(n),
             LinkAttribute::Controller(m) if *m != 0 => snap.master = Some(*m),
-            LinkAttribute::Link(l)
-                if *l != 0 && (netnsid.is_some() || *l != msg.header.index) =>
-            {
+            LinkAttribute::Link(l) if *l != 0 && (netnsid.is_some() || *l != msg.header.index) => {
                 snap.lower = Some(*l);
             }
             LinkAttribute::PhysSwitchId(_) => snap.switchdev = true,
