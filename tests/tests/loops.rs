@@ -243,6 +243,36 @@ fn a_late_loop_is_cut_after_a_bounded_number_of_packets() -> Result<()> {
 }
 
 #[test]
+fn bpdu_guard_takes_out_a_port_a_guest_runs_stp_on() -> Result<()> {
+    if skip_unless_root("bpdu_guard_takes_out_a_port_a_guest_runs_stp_on") {
+        return Ok(());
+    }
+    let lab = VmLab::new(PREFIX, "bpdu", 2)?;
+    let agent = Agent::run(&lab.host, &["--bridge", "br0"])?;
+    lab.wait_healthy(HEAL)?;
+    // A guest bridges its NIC with STP on: its BPDUs (every 2 s) arrive on vnet0.
+    lab.vms[0].ip_batch(&[
+        "link add gbr type bridge stp_state 1".to_owned(),
+        "link set eth0 master gbr".to_owned(),
+        "link set gbr up".to_owned(),
+    ])?;
+    let status = agent.wait_status("the BPDU guard's hold", HEAL, |s| {
+        s["bridges"][0]["loops"][0]["evidence_kind"] == "bpdu"
+    })?;
+    assert_eq!(
+        status["bridges"][0]["loops"][0]["port"], "vnet0",
+        "{status:#}"
+    );
+    lab.wait_until("vnet0 out of forwarding", HEAL, |lab| {
+        let s = port_state(lab, "vnet0")?;
+        Ok((s != "disabled").then(|| format!("vnet0 is {s}")))
+    })?;
+    assert_eq!(lab.stp_state()?, 0, "the bridge's STP stays off");
+    assert_eq!(port_state(&lab, "vnet1")?, "forwarding");
+    Ok(())
+}
+
+#[test]
 fn a_fresh_vnet_tap_for_another_bridge_is_left_to_libvirt() -> Result<()> {
     if skip_unless_root("a_fresh_vnet_tap_for_another_bridge_is_left_to_libvirt") {
         return Ok(());
