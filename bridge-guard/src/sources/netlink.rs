@@ -645,6 +645,120 @@ mod tests {
     }
 
     #[test]
+    fn decodes_what_stp_knows_about_a_port_and_the_bridge_id() {
+        use netlink_packet_route::link::BridgeId;
+        let id = |p, last| BridgeId {
+            priority: p,
+            address: [0x52, 0x54, 0, 0, 0, last],
+        };
+        let port = snapshot(&link(
+            9,
+            vec![
+                LinkAttribute::IfName("vnet1".into()),
+                LinkAttribute::Controller(7),
+                LinkAttribute::LinkInfo(vec![
+                    LinkInfo::Kind(InfoKind::Veth),
+                    LinkInfo::PortKind(InfoPortKind::Bridge),
+                    LinkInfo::PortData(InfoPortData::BridgePort(vec![
+                        InfoBridgePort::State(BridgePortState::Blocking),
+                        InfoBridgePort::RootId(id(0x8000, 1)),
+                        InfoBridgePort::BridgeId(id(0x1000, 9)),
+                        InfoBridgePort::DesignatedPort(0x8001),
+                        InfoBridgePort::PortId(0x8002),
+                        InfoBridgePort::PortNumber(2),
+                    ])),
+                ]),
+            ],
+            LinkFlags::Up,
+        ));
+        let s = port.stp_port;
+        assert_eq!(
+            s.designated_bridge.map(|b| b.to_string()).as_deref(),
+            Some("1000.525400000009")
+        );
+        assert_eq!(
+            s.designated_root.map(|b| b.to_string()).as_deref(),
+            Some("8000.525400000001")
+        );
+        assert_eq!(
+            (s.designated_port, s.port_id, s.port_no),
+            (Some(0x8001), Some(0x8002), Some(2))
+        );
+        let br = snapshot(&link(
+            7,
+            vec![LinkAttribute::LinkInfo(vec![
+                LinkInfo::Kind(InfoKind::Bridge),
+                LinkInfo::Data(InfoData::Bridge(vec![
+                    InfoBridge::BridgeId(id(0x8000, 1)),
+                    InfoBridge::RootId(id(0x8000, 1)),
+                ])),
+            ])],
+            LinkFlags::Up,
+        ));
+        assert_eq!(br.bridge_id, br.root_id);
+        assert!(br.bridge_id.is_some());
+    }
+
+    #[test]
+    fn decodes_taps_peers_in_other_namespaces_and_unknown_kinds() {
+        use netlink_packet_route::link::InfoTun;
+        let tap = |vnet_hdr: u8| {
+            snapshot(&link(
+                5,
+                vec![LinkAttribute::LinkInfo(vec![
+                    LinkInfo::Kind(InfoKind::Tun),
+                    LinkInfo::Data(InfoData::Tun(vec![
+                        InfoTun::Other(DefaultNla::new(IFLA_TUN_TYPE, vec![2])),
+                        InfoTun::Other(DefaultNla::new(IFLA_TUN_VNET_HDR, vec![vnet_hdr])),
+                    ])),
+                ])],
+                LinkFlags::Up,
+            ))
+            .kind
+        };
+        assert_eq!(
+            tap(1),
+            LinkKind::Tun {
+                tap: Some(true),
+                vnet_hdr: Some(true)
+            }
+        );
+        assert_eq!(
+            tap(0),
+            LinkKind::Tun {
+                tap: Some(true),
+                vnet_hdr: Some(false)
+            }
+        );
+        // A veth whose peer is in namespace 3 as ifindex 9, the same number as itself.
+        let veth = snapshot(&link(
+            9,
+            vec![
+                LinkAttribute::Link(9),
+                LinkAttribute::LinkNetNsId(3),
+                LinkAttribute::Address(vec![2, 0, 0, 0, 0, 1]),
+                LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+            ],
+            LinkFlags::Up,
+        ));
+        assert_eq!((veth.lower, veth.link_netnsid), (Some(9), Some(3)));
+        assert_eq!(veth.address, Some([2, 0, 0, 0, 0, 1]));
+        let kind = |k: &str| {
+            snapshot(&link(
+                4,
+                vec![LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+                    InfoKind::Other(k.into()),
+                )])],
+                LinkFlags::Up,
+            ))
+            .kind
+        };
+        assert_eq!(kind("l2tpeth"), LinkKind::Tunnel("l2tpeth".into()));
+        assert_eq!(kind("openvswitch"), LinkKind::Overlay("openvswitch".into()));
+        assert_eq!(kind("frobnicator"), LinkKind::Other("frobnicator".into()));
+    }
+
+    #[test]
     fn finds_mrp_in_af_spec() {
         let mut msg = link(7, vec![], LinkFlags::Up);
         msg.header.interface_family = AddressFamily::Bridge;
