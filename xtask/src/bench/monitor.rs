@@ -41,8 +41,11 @@ pub struct PortView {
 
 #[derive(Clone, Debug)]
 pub struct BridgeView {
+    pub ifindex: u32,
     pub up: bool,
     pub carrier: bool,
+    /// Kernel STP on, where the last message about the bridge said.
+    pub stp_on: Option<bool>,
 }
 
 /// The lab as of one notification.
@@ -109,14 +112,22 @@ pub enum Activity {
 }
 
 /// The model the thread keeps: every link of the namespace by ifindex.
-struct Model {
+pub(super) struct Model {
     bridge: String,
     ports: Vec<String>,
     links: HashMap<u32, LinkView>,
 }
 
 impl Model {
-    fn apply(&mut self, msg: &RouteNetlinkMessage) {
+    pub(super) fn new(bridge: &str, ports: Vec<String>) -> Self {
+        Self {
+            bridge: bridge.to_owned(),
+            ports,
+            links: HashMap::new(),
+        }
+    }
+
+    pub(super) fn apply(&mut self, msg: &RouteNetlinkMessage) {
         match msg {
             RouteNetlinkMessage::NewLink(l)
                 if l.header.interface_family == AddressFamily::Bridge =>
@@ -156,7 +167,7 @@ impl Model {
         self.links.insert(v.ifindex, v);
     }
 
-    fn view(&self) -> LabView {
+    pub(super) fn view(&self) -> LabView {
         let by_name: HashMap<&str, &LinkView> =
             self.links.values().map(|l| (l.name.as_str(), l)).collect();
         let bridge = by_name
@@ -165,8 +176,10 @@ impl Model {
             .copied();
         LabView {
             bridge: bridge.map(|b| BridgeView {
+                ifindex: b.ifindex,
                 up: b.admin_up,
                 carrier: b.carrier,
+                stp_on: b.stp_on,
             }),
             ports: self
                 .ports
@@ -188,7 +201,7 @@ impl Model {
 
 /// Dumps every link into the model through `sock` (which may also carry notifications: they
 /// are applied in order too).
-fn dump(sock: &Socket, model: &mut Model, seq: u32) -> Result<()> {
+pub(super) fn dump(sock: &Socket, model: &mut Model, seq: u32) -> Result<()> {
     let req = rtnl::encode(
         RouteNetlinkMessage::GetLink(LinkMessage::default()),
         NLM_F_REQUEST | NLM_F_DUMP,
@@ -286,6 +299,17 @@ fn watch(
     Ok(())
 }
 
+/// A socket of the calling thread's namespace subscribed to RTNLGRP_LINK, with a receive buffer
+/// no burst of these labs overruns.
+pub(super) fn subscribe() -> Result<Socket> {
+    let mut sock = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
+    sock.bind_auto().context("binding the netlink socket")?;
+    rtnl::force_rcvbuf(&sock, 32 << 20)?;
+    sock.add_membership(rtnl::RTNLGRP_LINK)
+        .context("subscribing to RTNLGRP_LINK")?;
+    Ok(sock)
+}
+
 /// Starts the notification thread in namespace `ns`, watching `bridge` and VM `ports`: every
 /// datagram becomes a [`Sample`] on `tx`. Returns once its first dump is in, with the flag that
 /// stops it.
@@ -297,11 +321,7 @@ pub fn spawn(
 ) -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let (ns_owned, thread_tx, thread_stop) = (ns.to_owned(), tx, Arc::clone(&stop));
-    let mut model = Model {
-        bridge: bridge.to_owned(),
-        ports,
-        links: HashMap::new(),
-    };
+    let mut model = Model::new(bridge, ports);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
     std::thread::Builder::new()
         .name("link-monitor".into())
@@ -315,11 +335,7 @@ pub fn spawn(
                          timestamps include scheduling delays"
                     );
                 }
-                let mut sock = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
-                sock.bind_auto().context("binding the netlink socket")?;
-                rtnl::force_rcvbuf(&sock, 32 << 20)?;
-                sock.add_membership(rtnl::RTNLGRP_LINK)
-                    .context("subscribing to RTNLGRP_LINK")?;
+                let sock = subscribe()?;
                 let mut q = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
                 q.bind_auto().context("binding the netlink socket")?;
                 dump(&sock, &mut model, 1)?;
@@ -372,8 +388,10 @@ mod tests {
     fn health_needs_an_up_bridge_with_carrier_and_every_port_forwarding() {
         let mut v = LabView {
             bridge: Some(BridgeView {
+                ifindex: 1,
                 up: true,
                 carrier: true,
+                stp_on: Some(false),
             }),
             ports: vec![
                 port("vnet0", true, Some(PortState::Forwarding)),
