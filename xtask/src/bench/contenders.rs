@@ -49,10 +49,13 @@ done"#;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contender {
+    /// `bridge-guard run`
     BridgeGuard,
-    /// A raw-netlink thread told the fault in advance (see `oracle`).
+    /// A raw-netlink thread told the fault class in advance: the least any guard could do
     Oracle,
+    /// An `ip monitor` loop around a fix script, as users write today
     Shell,
+    /// No guard at all
     None,
 }
 

@@ -17,7 +17,7 @@ use super::{
     faults::{self, BenchLab},
     observer::Observer,
     rtnl::{Rtnl, monotonic_ns},
-    stats::human_ns,
+    stats::{self, human_ns},
 };
 use crate::lab::TempDir;
 
@@ -36,6 +36,13 @@ pub struct Fight {
     pub secs: f64,
     /// STP-on requests the fighter made.
     pub requests: u64,
+    /// The fighter's longest wait for one request's acknowledgement.
+    #[serde(default)]
+    pub slowest_request_ns: u64,
+    /// The bench's own CPU time over the fight (fighter, link monitor, observer): what the
+    /// measurement itself cost the machine.
+    #[serde(default)]
+    pub bench_cpu_ms: Option<f64>,
     /// The guard's CPU time over the fight (for the shell guard, its whole process group with
     /// the fix scripts it ran).
     pub cpu_ms: Option<f64>,
@@ -50,6 +57,8 @@ pub struct Fight {
     pub bound_s: f64,
     /// Lines the guard wrote after the fight until healthy (or the bound).
     pub lines_after: usize,
+    #[serde(default)]
+    pub idle_rss_kib: Option<u64>,
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -71,6 +80,7 @@ pub fn run(
     let who = running.contender.key();
     faults::restore(lab, false)?;
     obs.settle(plan.quiet, Duration::from_secs(30))?;
+    let idle_rss_kib = running.rss_now_kib();
     let bridge = lab.bridge().to_owned();
     let mut fighter = Rtnl::open(&lab.lab.host.name)?;
     progress(&format!(
@@ -79,25 +89,31 @@ pub fn run(
     ));
     obs.drain_guard_lines();
     let cpu0 = running.cpu_ms();
+    let own0 = stats::cpu_ms(std::process::id());
     let started = Instant::now();
     let secs = plan.secs;
     let handle = std::thread::Builder::new()
         .name("fighter".into())
-        .spawn(move || -> Result<(u64, u64)> {
-            let mut n = 0u64;
+        .spawn(move || -> Result<(u64, u64, u64)> {
+            let (mut n, mut slowest) = (0u64, 0u64);
             while started.elapsed() < secs {
+                let t = monotonic_ns();
                 fighter.set_stp(&bridge, true)?;
+                slowest = slowest.max(monotonic_ns() - t);
                 n += 1;
             }
-            Ok((n, monotonic_ns()))
+            Ok((n, slowest, monotonic_ns()))
         })
         .context("starting the fighter")?;
     let log_lines = obs.count_guard_lines_until(started + plan.secs)?;
-    let (requests, t_end) = handle
+    let (requests, slowest_request_ns, t_end) = handle
         .join()
         .map_err(|_| anyhow::anyhow!("the fighter panicked"))??;
     let fought = started.elapsed().as_secs_f64();
     let cpu_ms = running.cpu_ms().zip(cpu0).map(|(a, b)| a - b);
+    let bench_cpu_ms = stats::cpu_ms(std::process::id())
+        .zip(own0)
+        .map(|(a, b)| a - b);
     let (healthy_after_ns, lines_after) =
         obs.healthy_for_good(t_end, plan.bound, plan.quiet, true)?;
     let fight = Fight {
@@ -105,6 +121,8 @@ pub fn run(
         vms: lab.guests.len(),
         secs: fought,
         requests,
+        slowest_request_ns,
+        bench_cpu_ms,
         cpu_ms,
         cpu_percent: cpu_ms.map(|ms| ms / (fought * 10.0)),
         log_lines,
@@ -113,10 +131,13 @@ pub fn run(
         healthy_after_ns,
         bound_s: plan.bound.as_secs_f64(),
         lines_after,
+        idle_rss_kib,
         peak_rss_kib: running.peak_rss_kib(),
     };
     progress(&format!(
-        "bench: fighter vs {who}: {requests} STP-on requests in {fought:.1} s; {} CPU, {log_lines} lines; healthy {} after the fight",
+        "bench: fighter vs {who}: {requests} STP-on requests in {fought:.1} s (slowest {}; the bench used {} CPU); {} CPU, {log_lines} lines; healthy {} after the fight",
+        human_ns(slowest_request_ns),
+        bench_cpu_ms.map_or_else(|| "?".to_owned(), |ms| format!("{ms:.0} ms")),
         fight
             .cpu_percent
             .map_or_else(|| "?".to_owned(), |p| format!("{p:.1}%")),

@@ -69,6 +69,12 @@ pub struct LoopRun {
     pub ended_by: String,
     /// From the loop's creation to its end (the agent's block, or the bench's teardown).
     pub lasted_ns: u64,
+    /// From the bench's cut to the guest bridge deleted (the detach waits for an RCU grace
+    /// period).
+    #[serde(default)]
+    pub teardown_ns: u64,
+    #[serde(default)]
+    pub idle_rss_kib: Option<u64>,
     pub peak_rss_kib: Option<u64>,
 }
 
@@ -107,8 +113,10 @@ struct Breaker {
     /// (CLOCK_MONOTONIC, frames out of the loop VM since the loop formed), every millisecond.
     samples: Vec<(u64, u64)>,
     ended: Ended,
-    /// When the second NIC left the guest bridge.
+    /// When the loop was cut (the second NIC's port disabled).
     t_end: u64,
+    /// From the cut to the guest bridge gone.
+    teardown_ns: u64,
 }
 
 /// Frames the loop VM has sent into `br0` so far: rx of both its ports.
@@ -144,19 +152,31 @@ fn build(lab: &BenchLab, vm: &NetNs) -> Result<()> {
     ])
 }
 
-/// Ends the loop: the second NIC off the guest bridge at once, then the bridge deleted.
-fn end_loop(guest: &mut Rtnl) -> Result<u64> {
-    guest.set_master("eth1", None)?;
-    let t = monotonic_ns();
-    guest.del("gbr")?;
-    Ok(t)
+/// Ends the loop: the second NIC's port on the guest bridge disabled, which takes effect at
+/// once, then (the storm over) the NIC off the bridge and the bridge deleted. Returns when the
+/// loop was cut, and how long the teardown took after that.
+fn end_loop(guest: &mut Rtnl) -> Result<(u64, u64)> {
+    let cut = guest.set_disabled("eth1");
+    let mut t = monotonic_ns();
+    // Detaching waits for an RCU grace period: quick once nothing circulates, and the way to
+    // cut the loop if disabling the port was refused.
+    let detached = guest.set_master("eth1", None);
+    if cut.is_err() {
+        t = monotonic_ns();
+    }
+    let deleted = guest.del("gbr");
+    if let (Err(c), Err(d)) = (&cut, &detached) {
+        bail!("cannot end the guest loop: {c:#}; {d:#}");
+    }
+    deleted?;
+    Ok((t, monotonic_ns() - t))
 }
 
 /// The breaker's thread: makes the loop, sends one broadcast into it, watches the counters and
 /// ends the loop at a cap or when told.
 fn breaker(
     (mut host, mut guest): (Rtnl, Rtnl),
-    broadcast: std::net::UdpSocket,
+    broadcast: &std::net::UdpSocket,
     (wait, cap): (Duration, u64),
     told: &AtomicBool,
     started: &mpsc::Sender<u64>,
@@ -197,7 +217,7 @@ fn breaker(
         // The cap's resolution: a millisecond of a loop is at most some hundreds of frames.
         std::thread::sleep(Duration::from_millis(1));
     };
-    let t_end = end_loop(&mut guest)?;
+    let (t_end, teardown_ns) = end_loop(&mut guest)?;
     if let Ok(f) = loop_frames(&mut host) {
         samples.push((monotonic_ns(), f.saturating_sub(base)));
     }
@@ -207,6 +227,7 @@ fn breaker(
         samples,
         ended,
         t_end,
+        teardown_ns,
     })
 }
 
@@ -238,6 +259,7 @@ pub fn run(
         tmp,
     )?;
     obs.settle(plan.quiet, Duration::from_secs(30))?;
+    let idle_rss_kib = running.rss_now_kib();
 
     let sockets = (Rtnl::open(&lab.lab.host.name)?, Rtnl::open(&vm.name)?);
     let sender = lab.lab.vms.first().context("the loop lab has no VM")?;
@@ -256,7 +278,7 @@ pub fn run(
     ));
     let handle = std::thread::Builder::new()
         .name("loop-breaker".into())
-        .spawn(move || breaker(sockets, broadcast, (wait, cap), &thread_told, &started_tx))
+        .spawn(move || breaker(sockets, &broadcast, (wait, cap), &thread_told, &started_tx))
         .context("starting the loop breaker")?;
     let Ok(t_loop) = started_rx.recv_timeout(Duration::from_secs(10)) else {
         told.store(true, Ordering::Relaxed);
@@ -318,9 +340,15 @@ pub fn run(
             }
         },
         lasted_ns: blocked_at.unwrap_or(b.t_end).saturating_sub(b.t_loop),
+        teardown_ns: b.teardown_ns,
+        idle_rss_kib,
         peak_rss_kib: running.peak_rss_kib(),
     };
-    progress(&format!("bench: loop: {}", run.summary()));
+    progress(&format!(
+        "bench: loop: {}; the bench's teardown took {}",
+        run.summary(),
+        human_ns(run.teardown_ns)
+    ));
     drop(running);
     Ok(run)
 }

@@ -106,6 +106,37 @@ pub fn repair(
     }
 }
 
+/// The fault the oracle waits for.
+struct Armed {
+    fault: Fault,
+    /// The bridge when it was armed (a recreated one has another ifindex).
+    bridge_ifindex: Option<u32>,
+    /// The model still shows the previous fault: nothing is sent until it stops doing so.
+    stale: bool,
+}
+
+impl Armed {
+    /// Armed for `fault` with the lab as the model shows it now.
+    fn new(fault: Fault, view: &LabView, bridge: &str) -> Self {
+        let bridge_ifindex = view.bridge.as_ref().map(|b| b.ifindex);
+        Self {
+            fault,
+            bridge_ifindex,
+            stale: repair(fault, view, bridge, bridge_ifindex).is_some(),
+        }
+    }
+
+    /// The repair to send now that a notification left the lab as `view`, if it is due.
+    fn step(&mut self, view: &LabView, bridge: &str) -> Option<Vec<Request>> {
+        let wanted = repair(self.fault, view, bridge, self.bridge_ifindex);
+        if self.stale {
+            self.stale = wanted.is_some();
+            return None;
+        }
+        wanted
+    }
+}
+
 /// The thread's work until `stop`.
 fn serve(
     sock: &Socket,
@@ -116,14 +147,16 @@ fn serve(
     stop: &AtomicBool,
     tally: &Tally,
 ) -> Result<()> {
-    let mut armed: Option<(Fault, Option<u32>)> = None;
+    let mut armed: Option<Armed> = None;
     let mut seq = 1;
     while !stop.load(Ordering::Relaxed) {
         let got = rtnl::recv(sock);
         // Arming is sent before the injection, so it is here before the fault's notification
-        // is applied: the bridge recorded is the one before the fault.
-        while let Ok(f) = arms.try_recv() {
-            armed = Some((f, model.view().bridge.map(|b| b.ifindex)));
+        // is applied: the bridge recorded is the one before the fault. The model may still
+        // be catching up with the last fault's repair: a repair it would call for now is
+        // that one's, and only counts once the model has been past it.
+        while let Ok(fault) = arms.try_recv() {
+            armed = Some(Armed::new(fault, &model.view(), bridge));
         }
         let data = match got {
             Ok(d) => d,
@@ -147,10 +180,11 @@ fn serve(
                 model.apply(&msg);
             }
         }
-        let Some((fault, old)) = armed else {
+        let Some(a) = armed.as_mut() else {
             continue;
         };
-        if let Some(requests) = repair(fault, &model.view(), bridge, old) {
+        let fault = a.fault;
+        if let Some(requests) = a.step(&model.view(), bridge) {
             armed = None;
             let whats: Vec<String> = requests.iter().map(|r| r.what().to_owned()).collect();
             let acks = req.batch(requests)?;
@@ -321,6 +355,20 @@ mod tests {
             )),
             ["ip link set br0 up"]
         );
+    }
+
+    #[test]
+    fn a_fault_still_showing_from_the_last_repair_is_not_taken_for_the_next() {
+        let listening = lab(true, 7, &[FWD, (true, Some(PortState::Listening))]);
+        let healthy = lab(true, 7, &[FWD, FWD]);
+        // Armed while the model still shows the previous flap, before its repair came in.
+        let mut a = Armed::new(Fault::StpFlap, &listening, "br0");
+        assert!(a.step(&listening, "br0").is_none());
+        assert!(a.step(&healthy, "br0").is_none());
+        assert!(a.step(&listening, "br0").is_some());
+        // Armed on a healthy lab: the first sight of the fault is acted on.
+        let mut b = Armed::new(Fault::StpFlap, &healthy, "br0");
+        assert!(b.step(&listening, "br0").is_some());
     }
 
     #[test]

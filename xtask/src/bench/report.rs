@@ -288,13 +288,13 @@ pub fn memory(r: &Report) -> Vec<MemoryRun> {
             .filter(|f| f.contender == Contender::BridgeGuard)
             .map(|f| MemoryRun {
                 run: format!("fighter, {} VMs", f.vms),
-                idle_kib: None,
+                idle_kib: f.idle_rss_kib,
                 peak_kib: f.peak_rss_kib,
             }),
     );
     v.extend(r.loop_run.iter().map(|l| MemoryRun {
         run: format!("loop, {} VMs", l.vms),
-        idle_kib: None,
+        idle_kib: l.idle_rss_kib,
         peak_kib: l.peak_rss_kib,
     }));
     v.extend(r.pipeline.iter().map(|p| MemoryRun {

@@ -343,16 +343,22 @@ impl Request {
 
     /// `ip link set NAME type bridge_slave state forwarding`.
     pub fn set_forwarding(port: &str) -> Self {
+        Self::set_port_state(port, BridgePortState::Forwarding)
+    }
+
+    /// `ip link set NAME type bridge_slave state STATE` (refused while kernel STP is on).
+    pub fn set_port_state(port: &str, state: BridgePortState) -> Self {
         let mut m = by_name(port);
         m.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::State(
-                BridgePortState::Forwarding,
-            )])),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::State(state)])),
         ]));
         Self::change(
             m,
-            format!("ip link set {port} type bridge_slave state forwarding"),
+            format!(
+                "ip link set {port} type bridge_slave state {}",
+                PortState::from_kernel(u8::from(state)).name()
+            ),
         )
     }
 
@@ -499,6 +505,13 @@ impl Rtnl {
     /// `ip link set NAME type bridge_slave state forwarding`.
     pub fn set_forwarding(&mut self, port: &str) -> Result<()> {
         self.request(Request::set_forwarding(port))
+    }
+
+    /// `ip link set NAME type bridge_slave state disabled`: the port forwards nothing from
+    /// then on, with no RCU grace period to wait for (detaching or deleting a port waits for
+    /// one, which a broadcast storm on every CPU can hold off for tens of seconds).
+    pub fn set_disabled(&mut self, port: &str) -> Result<()> {
+        self.request(Request::set_port_state(port, BridgePortState::Disabled))
     }
 
     /// `ip link show NAME`, decoded; `None` when there is no such link.

@@ -22,7 +22,7 @@ fn rank(v: Option<u64>, unrepaired: usize) -> String {
 pub fn storm(r: &Report) -> String {
     let st = &r.settings;
     let mut s = format!(
-        "Every fault class back to back for {:.0} s per contender, {} VMs: the next fault as soon as a \
+        "Every fault class back to back for {:.1} s per contender, {} VMs: the next fault as soon as a \
          notification shows the last one repaired; a fault not repaired within {:.0} s counts as \
          unrepaired (the bench then restores the lab). Unrepaired faults rank as the longest \
          outages, so a percentile that falls on one reads \"unrepaired\".\n\n\
@@ -60,20 +60,27 @@ pub fn storm(r: &Report) -> String {
 pub fn fighter(r: &Report) -> String {
     let mut s = format!(
         "A thread re-enables kernel STP on `br0` over rtnetlink as fast as it can (each request \
-         acknowledged before the next) for {:.0} s, {} VMs. CPU is the guard's utime+stime over the \
+         acknowledged before the next) for {:.1} s, {} VMs. CPU is the guard's utime+stime over the \
          fight (the shell guard's whole process group, fix scripts included) as a share of one CPU; \
          lines are what it wrote (the agent's log lines, the shell guard's one line per fix run); \
-         healthy means STP off and every port forwarding, counted from the fighter's last request.\n\n\
-         | guard | fighter requests | CPU | log lines | per second | healthy after the end | lines after the end | peak RSS |\n\
-         |---|---:|---:|---:|---:|---:|---:|---:|\n",
-        r.settings.fight_secs, r.settings.storm_vms
+         healthy means STP off and every port forwarding, counted from the fighter's last request. \
+         The fighter's slowest request and the bench's own CPU (fighter, link monitor and \
+         observer, on the same {} CPUs) show what the guard competed with.\n\n\
+         | guard | fighter requests | slowest | bench CPU | guard CPU | log lines | per second | healthy after the end | lines after the end | peak RSS |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        r.settings.fight_secs, r.settings.storm_vms, r.machine.nproc
     );
     for f in &r.fights {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {:.1} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} |",
             f.contender.key(),
             f.requests,
+            human_ns(f.slowest_request_ns),
+            f.bench_cpu_ms.map_or_else(
+                || "–".to_owned(),
+                |ms| format!("{:.0}%", ms / (f.secs * 10.0))
+            ),
             f.cpu_percent
                 .map_or_else(|| "–".to_owned(), |p| format!("{p:.1}%")),
             f.log_lines,

@@ -172,8 +172,8 @@ fn method(r: &Report) -> String {
          fault (a detach waits for an RCU grace period before it notifies; deleting a bridge waits \
          for one per port).\n\
          - **Storm**: the next fault as soon as the notification that shows the lab healthy \
-         arrives; {:.0} s per class and contender; unrepaired after {:.0} s.\n\
-         - **Paced**: each fault {} times per contender (no guard: {} times, as most of its faults \
+         arrives; {:.1} s per class and contender; unrepaired after {:.1} s.\n\
+         - **Paced**: each fault {} times per contender (no guard: {}, as most of its faults \
          last until the {} s timeout), each on a lab healthy and quiet (no notification, no guard \
          output) for {} ms; a trial ends when the lab has been healthy and quiet for as long. \
          bridge-guard's faults are also at least {} ms apart and after its last repair, so its \
@@ -204,7 +204,11 @@ fn method(r: &Report) -> String {
         st.storm_secs,
         st.storm_bound_s,
         st.repeat,
-        st.none_repeat,
+        if st.none_repeat == 1 {
+            "once".to_owned()
+        } else {
+            format!("{} times", st.none_repeat)
+        },
         st.timeout_s,
         st.quiet_ms,
         st.spacing_ms,
