@@ -350,8 +350,11 @@ impl Plan {
     }
 }
 
+/// A progress line on stderr, stamped with the time since the bench started.
 fn progress(line: &str) {
-    eprintln!("{line}");
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[{t:6.1} s] {line}");
 }
 
 /// Where the results go: `--out`, and the docs file unless this is a quick or partial run or
@@ -477,12 +480,7 @@ pub fn run(args: &Args) -> Result<()> {
     let tmp = TempDir::new("bgb", "work")?;
     let agent = (bin.as_path(), args.agent_arg.as_slice());
     let bg = plan.contenders.contains(&Contender::BridgeGuard);
-    let step = |what: &str| {
-        progress(&format!(
-            "bench: {what} ({:.0} s in)",
-            started.elapsed().as_secs_f64()
-        ));
-    };
+    let step = |what: &str| progress(&format!("bench: {what}"));
 
     let mut trials = Vec::new();
     let mut costs = Vec::new();

@@ -346,6 +346,136 @@ pub fn short(v: &[Option<u64>]) -> String {
     }
 }
 
+/// A small report of every part, for the rendering and target tests.
+#[cfg(test)]
+pub fn sample() -> Report {
+    let trial = |mode, fault, contender, outage_ns: Option<u64>| Trial {
+        mode,
+        vms: 4,
+        fault,
+        contender,
+        rep: 0,
+        outage_ns,
+        last_step_ns: 100_000,
+        observed: true,
+        first_unhealthy_ns: Some(50_000),
+        episodes: 1,
+        first_problem: None,
+        carrier_queried: false,
+        overrun: false,
+        repairs: vec!["repaired: re-attach vnet0 to br0: was detached".to_owned()],
+        guard_lines: 1,
+    };
+    let mut trials = Vec::new();
+    for fault in Fault::ALL {
+        for (c, ns) in [
+            (Contender::BridgeGuard, 900_000),
+            (Contender::Oracle, 800_000),
+            (Contender::Shell, 9_000_000),
+        ] {
+            trials.push(trial(Mode::Paced, fault, c, Some(ns)));
+            trials.push(trial(Mode::Storm, fault, c, Some(ns)));
+        }
+    }
+    // One storm fault bridge-guard left unrepaired.
+    trials.push(trial(
+        Mode::Storm,
+        Fault::Detach,
+        Contender::BridgeGuard,
+        None,
+    ));
+    let machine = Machine {
+        nproc: 2,
+        mem_total_mib: 24_000,
+        kernel: "6.18".to_owned(),
+        cpu_model: "test".to_owned(),
+        hooks: Vec::new(),
+        agent: "bridge-guard".to_owned(),
+        loadavg_start: "0.1".to_owned(),
+        loadavg_end: "0.1".to_owned(),
+        busy_percent: None,
+        steal_percent: None,
+        busiest_at_start: Vec::new(),
+        other_load: Vec::new(),
+    };
+    let mut r = Report {
+        command: "cargo xtask bench".to_owned(),
+        started_unix: 0,
+        duration_s: 1.0,
+        settings: Settings {
+            vms: vec![4],
+            repeat: 1,
+            none_repeat: 1,
+            timeout_s: 10,
+            quiet_ms: 250,
+            spacing_ms: 1100,
+            quick: false,
+            agent_args: Vec::new(),
+            partial: false,
+            storm_vms: 4,
+            storm_secs: 10.0,
+            storm_bound_s: 8.0,
+            fight_secs: 5.0,
+            loop_wait_s: 2.0,
+            loop_packets: 100_000,
+        },
+        machine,
+        cells: cells(&trials, &[4], Mode::Paced),
+        storm_cells: cells(&trials, &[4], Mode::Storm),
+        costs: vec![RunCost {
+            mode: Mode::Storm,
+            vms: 4,
+            contender: Contender::BridgeGuard,
+            trials: 16,
+            cpu_ms: Some(10.0),
+            peak_rss_kib: Some(57_000),
+            idle_rss_kib: Some(16_800),
+            ready_line: String::new(),
+            repair_latency: Vec::new(),
+        }],
+        pipeline: None,
+        fights: vec![Fight {
+            contender: Contender::BridgeGuard,
+            vms: 4,
+            secs: 5.0,
+            requests: 20_000,
+            slowest_request_ns: 1_000_000,
+            bench_cpu_ms: Some(5_000.0),
+            cpu_ms: Some(150.0),
+            cpu_percent: Some(3.0),
+            log_lines: 4,
+            lines_per_s: 0.8,
+            healthy_after_ns: Some(2_000_000),
+            bound_s: 8.0,
+            lines_after: 1,
+            idle_rss_kib: Some(16_000),
+            peak_rss_kib: Some(18_000),
+        }],
+        loop_run: Some(LoopRun {
+            vms: 4,
+            wait_s: 2.0,
+            packet_cap: 100_000,
+            blocked_after_ns: None,
+            blocked: None,
+            packets_before_block: None,
+            packets_total: 100_300,
+            ended_by: "the bench at its cap of 100000 frames".to_owned(),
+            lasted_ns: 700_000_000,
+            teardown_ns: 40_000_000,
+            idle_rss_kib: None,
+            peak_rss_kib: None,
+        }),
+        memory: Vec::new(),
+        targets: Vec::new(),
+        trials,
+        shell_fix_script: String::new(),
+        shell_monitor_loop: String::new(),
+    };
+    r.memory = memory(&r);
+    r.targets = super::targets::all(&r);
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -405,5 +535,25 @@ mod tests {
         assert_eq!(bg.after_fault.median_ns, Some(2_000_000));
         let svg = super::super::svg::chart(&cells, &[4], 10);
         assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    }
+
+    #[test]
+    fn storm_cells_count_the_unrepaired_and_memory_lists_every_run() {
+        let r = sample();
+        let detach = r
+            .storm_cells
+            .iter()
+            .find(|c| c.fault == Fault::Detach && c.contender == Contender::BridgeGuard)
+            .expect("a storm cell");
+        assert_eq!((detach.trials, detach.not_healed), (2, 1));
+        // Nearest rank of two with one unrepaired: the median is the repaired one.
+        assert_eq!(detach.outage.median_ns, Some(900_000));
+        assert_eq!(detach.outage.p99_ns, None);
+        let runs: Vec<&str> = r.memory.iter().map(|m| m.run.as_str()).collect();
+        assert_eq!(runs, ["storm, 4 VMs", "fighter, 4 VMs", "loop, 4 VMs"]);
+        // The JSON of this version reads back.
+        let json = serde_json::to_string(&r).expect("serialises");
+        let back: Report = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back.storm_cells.len(), r.storm_cells.len());
     }
 }

@@ -221,3 +221,56 @@ pub fn all(r: &Report) -> Vec<Target> {
     t.extend(pipeline_targets(r));
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict<'a>(t: &'a [Target], name: &str) -> &'a Target {
+        t.iter()
+            .find(|t| t.name.starts_with(name))
+            .unwrap_or_else(|| panic!("no target {name}"))
+    }
+
+    #[test]
+    fn each_target_is_met_missed_or_not_measured_from_the_report() {
+        let r = crate::bench::report::sample();
+        let t = &r.targets;
+        let storm = verdict(t, "storm (4 VMs): no fault left unrepaired");
+        assert_eq!(storm.met, Some(false));
+        assert!(storm.detail.contains("detach (4 VMs): 1 of 2 unrepaired"));
+        assert_eq!(verdict(t, "fighter: bridge-guard under 5%").met, Some(true));
+        assert_eq!(verdict(t, "fighter: at most one log line").met, Some(true));
+        assert_eq!(verdict(t, "fighter: healthy within 100 ms").met, Some(true));
+        assert_eq!(verdict(t, "paced (4 VMs): median < 1 ms").met, Some(true));
+        // 0.9 ms over the oracle's 0.8 ms: 1.125×.
+        assert_eq!(
+            verdict(t, "paced (4 VMs): median at most 1.25×").met,
+            Some(true)
+        );
+        let rss = verdict(t, "peak RSS");
+        assert_eq!(rss.met, Some(false));
+        assert!(
+            rss.detail.contains("55.7 MiB (storm, 4 VMs)"),
+            "{}",
+            rss.detail
+        );
+        let l = verdict(t, "loop:");
+        assert_eq!(l.met, Some(false));
+        assert!(l.detail.contains("not blocked"));
+        assert!(t.iter().all(|t| !t.name.contains("idle agent CPU")));
+    }
+
+    #[test]
+    fn parts_not_run_are_not_measured_rather_than_missed() {
+        let mut r = crate::bench::report::sample();
+        r.fights.clear();
+        r.loop_run = None;
+        let t = all(&r);
+        for name in ["fighter: bridge-guard", "loop:"] {
+            let v = verdict(&t, name);
+            assert_eq!(v.met, None, "{name}");
+            assert_eq!(v.detail, "not measured in this run");
+        }
+    }
+}

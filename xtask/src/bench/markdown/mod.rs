@@ -287,3 +287,35 @@ pub fn document(r: &Report, svg_name: Option<&str>) -> String {
     );
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_document_leads_with_targets_and_the_storm_and_carries_the_vmtest_block() {
+        let r = crate::bench::report::sample();
+        let doc = document(&r, Some("benchmarks.svg"));
+        let at = |s: &str| {
+            doc.find(s)
+                .unwrap_or_else(|| panic!("no {s:?} in the document"))
+        };
+        assert!(at("## Targets") < at("## Storm") && at("## Storm") < at("## Paced"));
+        assert!(at("## Paced") < at(vmtest::BEGIN) && at(vmtest::BEGIN) < at(vmtest::END));
+        // The storm row of the unrepaired detach, bold; a cell's ratio to the oracle.
+        assert!(
+            doc.contains("| detach | bridge-guard | 2 | **1** |"),
+            "{doc}"
+        );
+        assert!(
+            doc.contains("| stp-flap | bridge-guard | 1 | 0 | 800 µs |"),
+            "{doc}"
+        );
+        assert!(doc.contains("| 1.12× |"));
+        assert!(doc.contains("| bridge-guard | 20000 | 1.00 ms | 100% | 3.0% | 4 | 0.8 | 2.00 ms | 1 | 17.6 MiB |"), "{doc}");
+        assert!(doc.contains("**not blocked** within 700.0 ms"));
+        assert!(doc.contains("| storm, 4 VMs | 16.4 MiB | 55.7 MiB |"));
+        let summary = summary(&r);
+        assert!(summary.contains("Storm") && summary.contains("| target | met | detail |"));
+    }
+}
