@@ -14,10 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     contenders::{Contender, Running},
-    faults::{self, BenchLab},
-    observer::Observer,
     rtnl::{Rtnl, monotonic_ns},
     stats::{self, human_ns},
+    watched::WatchedLab,
 };
 use crate::lab::TempDir;
 
@@ -72,17 +71,16 @@ impl Fight {
 /// Fights `running` on `lab` for `plan.secs`.
 pub fn run(
     plan: &Plan,
-    lab: &mut BenchLab,
-    obs: &mut Observer,
+    w: &mut WatchedLab,
     running: &Running,
     progress: &dyn Fn(&str),
 ) -> Result<Fight> {
     let who = running.contender.key();
-    faults::restore(lab, false)?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
+    w.restore()?;
     let idle_rss_kib = running.rss_now_kib();
-    let bridge = lab.bridge().to_owned();
-    let mut fighter = Rtnl::open(&lab.lab.host.name)?;
+    let bridge = w.lab.bridge().to_owned();
+    let mut fighter = Rtnl::open(&w.lab.lab.host.name)?;
+    let obs = &mut w.obs;
     progress(&format!(
         "bench: fighter vs {who}: re-enabling STP on {bridge} flat out for {:.0} s",
         plan.secs.as_secs_f64()
@@ -118,7 +116,7 @@ pub fn run(
         obs.healthy_for_good(t_end, plan.bound, plan.quiet, true)?;
     let fight = Fight {
         contender: running.contender,
-        vms: lab.guests.len(),
+        vms: w.lab.guests.len(),
         secs: fought,
         requests,
         slowest_request_ns,
@@ -154,22 +152,11 @@ pub fn phase(
     tmp: &TempDir,
     progress: &dyn Fn(&str),
 ) -> Result<Vec<Fight>> {
-    let mut lab = BenchLab::new("bgb", "fight", vms)?;
-    faults::restore(&mut lab, false)?;
-    let ports = lab.lab.ports();
-    let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), ports.clone())?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
+    let mut w = WatchedLab::new("fight", vms, plan.quiet, |_| Ok(Vec::new()))?;
     let mut fights = Vec::new();
     for &c in contenders {
-        let running = Running::start(
-            c,
-            (&lab.lab.host, &ports),
-            (bin, extra),
-            &mut obs,
-            &mut lab.host,
-            tmp,
-        )?;
-        fights.push(run(plan, &mut lab, &mut obs, &running, progress)?);
+        let running = w.start(c, (bin, extra), tmp)?;
+        fights.push(run(plan, &mut w, &running, progress)?);
     }
     Ok(fights)
 }

@@ -29,11 +29,11 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    contenders::{Contender, Running},
-    faults::{self, BenchLab},
-    observer::Observer,
+    contenders::Contender,
+    faults::BenchLab,
     rtnl::{PortState, Rtnl, monotonic_ns},
     stats::human_ns,
+    watched::WatchedLab,
 };
 use crate::lab::{NetNs, TempDir, in_netns};
 
@@ -242,27 +242,16 @@ pub fn run(
         "bench: loop: building the lab ({} VMs and a VM bridging its two NICs)",
         plan.vms
     ));
-    let mut lab = BenchLab::new("bgb", "loop", plan.vms)?;
-    faults::restore(&mut lab, false)?;
     let vm = NetNs::new("bgb", "loopvm")?;
-    build(&lab, &vm)?;
-    let mut ports = lab.lab.ports();
-    ports.extend(LOOP_PORTS.iter().map(|p| (*p).to_owned()));
-    let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), ports.clone())?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
-    let running = Running::start(
-        Contender::BridgeGuard,
-        (&lab.lab.host, &ports),
-        (bin, extra),
-        &mut obs,
-        &mut lab.host,
-        tmp,
-    )?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
+    let mut w = WatchedLab::new("loop", plan.vms, plan.quiet, |lab| {
+        build(lab, &vm)?;
+        Ok(LOOP_PORTS.iter().map(|p| (*p).to_owned()).collect())
+    })?;
+    let running = w.start(Contender::BridgeGuard, (bin, extra), tmp)?;
     let idle_rss_kib = running.rss_now_kib();
 
-    let sockets = (Rtnl::open(&lab.lab.host.name)?, Rtnl::open(&vm.name)?);
-    let sender = lab.lab.vms.first().context("the loop lab has no VM")?;
+    let sockets = (Rtnl::open(&w.lab.lab.host.name)?, Rtnl::open(&vm.name)?);
+    let sender = w.lab.lab.vms.first().context("the loop lab has no VM")?;
     let broadcast = in_netns(&sender.name, || {
         let s = std::net::UdpSocket::bind("198.18.0.1:0")?;
         s.set_broadcast(true)?;
@@ -307,7 +296,9 @@ pub fn run(
             }
         })
     };
-    let hit = obs.wait_for(wait + TAIL, |s| s.t_ns >= t_loop && out(s).is_some());
+    let hit = w
+        .obs
+        .wait_for(wait + TAIL, |s| s.t_ns >= t_loop && out(s).is_some());
     if hit.as_ref().is_ok_and(Option::is_some) {
         std::thread::sleep(TAIL);
     }

@@ -28,6 +28,7 @@ pub mod stats;
 mod storm;
 mod svg;
 mod targets;
+mod watched;
 
 use std::{
     path::{Path, PathBuf},

@@ -127,6 +127,15 @@ impl Model {
         }
     }
 
+    /// Applies every link message of a datagram of notifications.
+    pub(super) fn apply_datagram(&mut self, data: &[u8]) {
+        for m in rtnl::messages(data) {
+            if let NetlinkPayload::InnerMessage(msg) = m.payload {
+                self.apply(&msg);
+            }
+        }
+    }
+
     pub(super) fn apply(&mut self, msg: &RouteNetlinkMessage) {
         match msg {
             RouteNetlinkMessage::NewLink(l)
@@ -228,6 +237,38 @@ pub(super) fn dump(sock: &Socket, model: &mut Model, seq: u32) -> Result<()> {
     }
 }
 
+/// What one receive on a subscribed socket brought.
+pub(super) enum Received {
+    /// A datagram of notifications, not yet applied.
+    Datagram(Vec<u8>),
+    /// Nothing within the socket's receive timeout.
+    Nothing,
+    /// Notifications were lost (ENOBUFS): the model was rebuilt from a dump.
+    Resynced,
+}
+
+/// Receives the next datagram on `sock`; after a loss, rebuilds `model` from a dump (with
+/// request number `seq`, bumped).
+pub(super) fn receive(sock: &Socket, model: &mut Model, seq: &mut u32) -> Result<Received> {
+    match rtnl::recv(sock) {
+        Ok(d) => Ok(Received::Datagram(d)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(Received::Nothing)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            *seq += 1;
+            dump(sock, model, *seq)?;
+            Ok(Received::Resynced)
+        }
+        Err(e) => Err(e).context("reading link notifications"),
+    }
+}
+
 /// The notification thread's work: runs until `stop`.
 fn watch(
     sock: &Socket,
@@ -239,30 +280,16 @@ fn watch(
     let mut seq = 1;
     let mut overrun = false;
     while !stop.load(Ordering::Relaxed) {
-        let data = match rtnl::recv(sock) {
-            Ok(d) => d,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+        let data = match receive(sock, model, &mut seq)? {
+            Received::Datagram(d) => d,
+            Received::Nothing => continue,
+            Received::Resynced => {
                 overrun = true;
-                seq += 1;
-                dump(sock, model, seq)?;
                 continue;
             }
-            Err(e) => return Err(e).context("reading link notifications"),
         };
         let t_ns = monotonic_ns();
-        for m in rtnl::messages(&data) {
-            if let NetlinkPayload::InnerMessage(msg) = m.payload {
-                model.apply(&msg);
-            }
-        }
+        model.apply_datagram(&data);
         let view = model.view();
         let mut problem = view.problem(&model.bridge);
         let mut carrier_queried = false;

@@ -18,12 +18,11 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use netlink_packet_core::NetlinkPayload;
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 
 use super::{
     faults::Fault,
-    monitor::{self, LabView, Model},
+    monitor::{self, LabView, Model, Received},
     rtnl::{self, PortState, Request, Rtnl},
 };
 
@@ -150,36 +149,17 @@ fn serve(
     let mut armed: Option<Armed> = None;
     let mut seq = 1;
     while !stop.load(Ordering::Relaxed) {
-        let got = rtnl::recv(sock);
+        let got = monitor::receive(sock, model, &mut seq)?;
         // Arming is sent before the injection, so it is here before the fault's notification
-        // is applied: the bridge recorded is the one before the fault. The model may still
-        // be catching up with the last fault's repair: a repair it would call for now is
-        // that one's, and only counts once the model has been past it.
+        // is applied: the bridge recorded is the one before the fault. (After a loss the dump
+        // may show the fault already; that is rare enough to cost the oracle a fault.)
         while let Ok(fault) = arms.try_recv() {
             armed = Some(Armed::new(fault, &model.view(), bridge));
         }
-        let data = match got {
-            Ok(d) => d,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                seq += 1;
-                monitor::dump(sock, model, seq)?;
-                continue;
-            }
-            Err(e) => return Err(e).context("reading link notifications"),
+        let Received::Datagram(data) = got else {
+            continue;
         };
-        for m in rtnl::messages(&data) {
-            if let NetlinkPayload::InnerMessage(msg) = m.payload {
-                model.apply(&msg);
-            }
-        }
+        model.apply_datagram(&data);
         let Some(a) = armed.as_mut() else {
             continue;
         };

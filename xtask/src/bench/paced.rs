@@ -9,12 +9,13 @@ use std::{
 use anyhow::Result;
 
 use super::{
-    contenders::{Contender, Running},
-    faults::{self, BenchLab, Fault},
-    observer::{Observer, Outcome},
+    contenders::Contender,
+    faults::{self, Fault},
+    observer::Outcome,
     pipeline,
     report::{self, Mode, RunCost, Trial},
     stats,
+    watched::WatchedLab,
 };
 use crate::lab::{TempDir, http_get};
 
@@ -82,11 +83,7 @@ pub fn run(
         trials: Vec::new(),
         costs: Vec::new(),
     };
-    let mut lab = BenchLab::new("bgb", &format!("n{n}"), n)?;
-    faults::restore(&mut lab, false)?;
-    let ports = lab.lab.ports();
-    let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), ports.clone())?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
+    let mut w = WatchedLab::new(&format!("n{n}"), n, plan.quiet, |_| Ok(Vec::new()))?;
     for contender in Contender::ALL
         .into_iter()
         .filter(|c| plan.contenders.contains(c))
@@ -105,18 +102,8 @@ pub fn run(
                 String::new()
             }
         ));
-        let running = Running::start(
-            contender,
-            (&lab.lab.host, &ports),
-            (bin, extra),
-            &mut obs,
-            &mut lab.host,
-            tmp,
-        )?;
-        if !obs.healthy() {
-            faults::restore(&mut lab, false)?;
-        }
-        obs.settle(plan.quiet, Duration::from_secs(30))?;
+        let running = w.start(contender, (bin, extra), tmp)?;
+        let (lab, obs) = (&mut w.lab, &mut w.obs);
         let idle_rss_kib = running.rss_now_kib();
         let cpu0 = running.cpu_ms();
         let mut next_injection: Option<Instant> = None;
@@ -125,11 +112,11 @@ pub fn run(
             let mut outages = Vec::new();
             for rep in 0..reps {
                 if contender == Contender::None || !obs.healthy() {
-                    faults::restore(&mut lab, false)?;
+                    faults::restore(lab, false)?;
                 }
                 if let Err(e) = obs.settle(plan.quiet, Duration::from_secs(15)) {
                     progress(&format!("bench: {e:#}; restoring the lab"));
-                    faults::restore(&mut lab, false)?;
+                    faults::restore(lab, false)?;
                     obs.settle(plan.quiet, Duration::from_secs(30))?;
                 }
                 // Pacing, not waiting: bridge-guard never needs the same repair again within
@@ -143,7 +130,7 @@ pub fn run(
                 obs.drain_guard_lines();
                 running.arm(fault);
                 let injected = Instant::now();
-                let at = faults::inject(&mut lab, &mut obs, fault, rep)?;
+                let at = faults::inject(lab, obs, fault, rep)?;
                 let m = obs.measure(at.t0, plan.timeout, plan.quiet)?;
                 // The measurement ended `quiet` after the last repair.
                 next_injection = Some(
@@ -151,11 +138,6 @@ pub fn run(
                         .max(Instant::now() + plan.spacing.saturating_sub(plan.quiet)),
                 );
                 count += 1;
-                let outage = match &m.outcome {
-                    Outcome::Healed { outage_ns } => Some(*outage_ns),
-                    _ => None,
-                };
-                outages.push(outage);
                 let shown = match &m.outcome {
                     Outcome::Healed { outage_ns } => stats::human_ns(*outage_ns),
                     Outcome::NotHealed { why } => {
@@ -176,25 +158,12 @@ pub fn run(
                     .filter_map(|v| v["message"].as_str().map(str::to_owned))
                     .filter(|msg| msg.starts_with("repaired:"))
                     .collect();
-                out.trials.push(Trial {
-                    mode: Mode::Paced,
-                    vms: n,
-                    fault,
-                    contender,
-                    rep,
-                    outage_ns: outage,
-                    last_step_ns: at.last - at.t0,
-                    observed: !matches!(m.outcome, Outcome::NotObserved),
-                    first_unhealthy_ns: m.first_unhealthy_ns,
-                    episodes: m.episodes,
-                    first_problem: m.first_problem.clone(),
-                    carrier_queried: m.carrier_queried,
-                    overrun: m.overrun,
-                    repairs,
-                    guard_lines: m.guard_lines.len(),
-                });
+                let trial = Trial::of((Mode::Paced, n, fault, contender, rep), &at, &m, repairs);
+                let outage = trial.outage_ns;
+                outages.push(outage);
+                out.trials.push(trial);
                 if outage.is_none() {
-                    faults::restore(&mut lab, false)?;
+                    faults::restore(lab, false)?;
                 }
             }
             progress(&format!(

@@ -8,10 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     contenders::Contender,
-    faults::Fault,
+    faults::{Fault, Injected},
     fighter::Fight,
     loops::LoopRun,
     machine::Machine,
+    observer::{Measured, Outcome},
     pipeline::{Pipeline, RepairLatency},
     stats::{self, human_ns},
 };
@@ -63,6 +64,36 @@ pub struct Trial {
 }
 
 impl Trial {
+    /// The record of a fault injected `at` and measured as `m`; `repairs` are bridge-guard's
+    /// "repaired: …" log messages meanwhile.
+    pub fn of(
+        (mode, vms, fault, contender, rep): (Mode, usize, Fault, Contender, usize),
+        at: &Injected,
+        m: &Measured,
+        repairs: Vec<String>,
+    ) -> Self {
+        Self {
+            mode,
+            vms,
+            fault,
+            contender,
+            rep,
+            outage_ns: match m.outcome {
+                Outcome::Healed { outage_ns } => Some(outage_ns),
+                _ => None,
+            },
+            last_step_ns: at.last - at.t0,
+            observed: !matches!(m.outcome, Outcome::NotObserved),
+            first_unhealthy_ns: m.first_unhealthy_ns,
+            episodes: m.episodes,
+            first_problem: m.first_problem.clone(),
+            carrier_queried: m.carrier_queried,
+            overrun: m.overrun,
+            repairs,
+            guard_lines: m.guard_lines.len(),
+        }
+    }
+
     /// The outage after the fault was in place: from its last request, or from the first
     /// notification that showed it, whichever came later. No guard can act before then, so
     /// this is the share a guard decides; the rest is the kernel carrying out the fault

@@ -13,9 +13,9 @@ use anyhow::Result;
 
 use super::{
     contenders::{Contender, Running},
-    faults::{self, BenchLab, Fault},
-    observer::{Observer, Outcome},
+    faults::{self, Fault},
     report::{self, Mode, RunCost, Trial},
+    watched::WatchedLab,
 };
 use crate::lab::TempDir;
 
@@ -41,62 +41,46 @@ impl Plan {
     }
 }
 
-/// Runs every class back to back against `running` on `lab`; one trial per fault injected.
+/// Runs every class back to back against `running` on `w`; one trial per fault injected.
 pub fn run(
     plan: &Plan,
-    lab: &mut BenchLab,
-    obs: &mut Observer,
+    w: &mut WatchedLab,
     running: &Running,
     progress: &dyn Fn(&str),
 ) -> Result<Vec<Trial>> {
-    let n = lab.guests.len();
+    let n = w.lab.guests.len();
     let who = running.contender.key();
     let mut trials = Vec::new();
     for fault in Fault::ALL {
         // Every class starts on the lab as the bench leaves it: STP off, all forwarding.
-        faults::restore(lab, false)?;
-        obs.settle(plan.quiet, Duration::from_secs(30))?;
+        w.restore()?;
         let started = Instant::now();
         let mut rep = 0;
         let mut outages = Vec::new();
         while started.elapsed() < plan.per_class {
             running.arm(fault);
-            obs.drain_guard_lines();
-            let at = faults::inject(lab, obs, fault, rep)?;
+            w.obs.drain_guard_lines();
+            let at = faults::inject(&mut w.lab, &mut w.obs, fault, rep)?;
             // No quiet wait: the first notification that shows the lab healthy ends it.
-            let m = obs.measure(at.t0, plan.bound, Duration::ZERO)?;
-            let outage = match m.outcome {
-                Outcome::Healed { outage_ns } => Some(outage_ns),
-                _ => None,
-            };
+            let m = w.obs.measure(at.t0, plan.bound, Duration::ZERO)?;
+            let t = Trial::of(
+                (Mode::Storm, n, fault, running.contender, rep),
+                &at,
+                &m,
+                Vec::new(),
+            );
+            let outage = t.outage_ns;
             outages.push(outage);
-            trials.push(Trial {
-                mode: Mode::Storm,
-                vms: n,
-                fault,
-                contender: running.contender,
-                rep,
-                outage_ns: outage,
-                last_step_ns: at.last - at.t0,
-                observed: !matches!(m.outcome, Outcome::NotObserved),
-                first_unhealthy_ns: m.first_unhealthy_ns,
-                episodes: m.episodes,
-                first_problem: m.first_problem.clone(),
-                carrier_queried: m.carrier_queried,
-                overrun: m.overrun,
-                repairs: Vec::new(),
-                guard_lines: m.guard_lines.len(),
-            });
+            trials.push(t);
             if outage.is_none() {
                 progress(&format!(
                     "bench: storm {who} {}: fault {} not repaired within {:?} ({}); restoring the lab",
                     fault.key(),
                     rep + 1,
                     plan.bound,
-                    obs.problem()
+                    w.obs.problem()
                 ));
-                faults::restore(lab, false)?;
-                obs.settle(plan.quiet, Duration::from_secs(30))?;
+                w.restore()?;
             }
             rep += 1;
         }
@@ -120,29 +104,17 @@ pub fn phase(
     progress: &dyn Fn(&str),
 ) -> Result<(Vec<Trial>, Vec<RunCost>)> {
     progress(&format!(
-        "bench: storm: building the lab ({vms} VM namespaces); {:.0} s per fault class and contender",
+        "bench: storm: building the lab ({vms} VM namespaces); {:.1} s per fault class and contender",
         plan.per_class.as_secs_f64()
     ));
-    let mut lab = BenchLab::new("bgb", "storm", vms)?;
-    faults::restore(&mut lab, false)?;
-    let ports = lab.lab.ports();
-    let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), ports.clone())?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
+    let mut w = WatchedLab::new("storm", vms, plan.quiet, |_| Ok(Vec::new()))?;
     let (mut trials, mut costs) = (Vec::new(), Vec::new());
     for &c in contenders {
         progress(&format!("bench: storm: {} starting", c.key()));
-        let running = Running::start(
-            c,
-            (&lab.lab.host, &ports),
-            (bin, extra),
-            &mut obs,
-            &mut lab.host,
-            tmp,
-        )?;
-        obs.settle(plan.quiet, Duration::from_secs(30))?;
+        let running = w.start(c, (bin, extra), tmp)?;
         let idle_rss_kib = running.rss_now_kib();
         let cpu0 = running.cpu_ms();
-        let these = run(plan, &mut lab, &mut obs, &running, progress)?;
+        let these = run(plan, &mut w, &running, progress)?;
         costs.push(RunCost {
             mode: Mode::Storm,
             vms,
