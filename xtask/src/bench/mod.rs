@@ -323,6 +323,10 @@ impl Plan {
                     Contender::None => (3, 2),
                 };
                 total += self.storm.estimate(never, slow) + Duration::from_secs(3);
+                if *c == Contender::Shell {
+                    // Its backlog of fix runs drains before the next class settles.
+                    total += self.storm.per_class * 6;
+                }
             }
         }
         if self.has(Part::Fighter) {
