@@ -157,6 +157,14 @@ pub struct Accounting {
     pub loops_detected: BTreeMap<(String, String, &'static str), u64>,
     /// Bridge -> repairs refused right now (a hazard, a loop STP sees, ...).
     pub refusals: BTreeMap<String, u64>,
+    /// (bridge, action kind) -> repairs that had to wait for a rate-limit slot.
+    pub rate_limited: BTreeMap<(String, &'static str), u64>,
+    /// (bridge, action kind) -> fights seen (something undoing a repair again and again).
+    pub fights: BTreeMap<(String, &'static str), u64>,
+    /// Why the model was rebuilt from a dump -> how often.
+    pub resyncs: BTreeMap<&'static str, u64>,
+    /// (bridge, action kind) -> repairs abandoned because the kernel did not answer in time.
+    pub unanswered: BTreeMap<(String, &'static str), u64>,
 }
 
 impl Accounting {
@@ -245,6 +253,33 @@ impl Accounting {
                 acc.repairs += 1;
             }
         }
+    }
+
+    /// Forgets a port that is gone: its series leave the metrics with it.
+    pub fn forget_port(&mut self, port: &str) {
+        self.ports.remove(port);
+    }
+
+    pub fn on_rate_limited(&mut self, bridge: &str, kind: &'static str) {
+        *self
+            .rate_limited
+            .entry((bridge.to_owned(), kind))
+            .or_default() += 1;
+    }
+
+    pub fn on_fight(&mut self, bridge: &str, kind: &'static str) {
+        *self.fights.entry((bridge.to_owned(), kind)).or_default() += 1;
+    }
+
+    pub fn on_resync(&mut self, reason: &'static str) {
+        *self.resyncs.entry(reason).or_default() += 1;
+    }
+
+    pub fn on_unanswered(&mut self, bridge: &str, kind: &'static str) {
+        *self
+            .unanswered
+            .entry((bridge.to_owned(), kind))
+            .or_default() += 1;
     }
 
     /// Records the refusals the last plan made.

@@ -98,9 +98,9 @@ pub enum Action {
 }
 
 impl Action {
-    /// Stable identity for backoff and confirmation: the same repair of the same devices. The
+    /// Stable identity for in-flight tracking: the same repair of the same devices. The
     /// ifindexes are part of it: a bridge recreated under the same name is another device, and
-    /// what happened to its predecessor (failures, backoff) must not hold back its repair.
+    /// what happened to its predecessor (failures, requests in flight) must not hold back its repair.
     pub fn key(&self) -> String {
         match self {
             Self::BridgeUp {
@@ -258,6 +258,9 @@ pub struct Context {
     pub undecoded: BTreeMap<u32, Vec<u32>>,
     /// Per bridge name: why loop protection cannot run there.
     pub unprotected: BTreeMap<String, String>,
+    /// Ports being looked up beyond the model (where they lead, fresh STP fields): their
+    /// bridge waits for the answer (a round trip) before anything is repaired or refused.
+    pub looking: BTreeSet<u32>,
 }
 
 /// Plans the repairs of every guarded bridge.
@@ -310,6 +313,9 @@ fn plan_bridge(model: &Model, guard: &Guard, ctx: &Context, plan: &mut Plan) {
         return; // Not there (yet): recreating it is its owner's job; we re-attach when it returns.
     };
     let ports: Vec<&LinkSnapshot> = model.ports_of(br.ifindex).collect();
+    if ports.iter().any(|p| ctx.looking.contains(&p.ifindex)) {
+        return;
+    }
 
     let hazards = bridge_hazards(br, &ports, model, ctx);
     if !hazards.is_empty() && !policy.allow_unsafe {
@@ -477,6 +483,9 @@ fn plan_bridge(model: &Model, guard: &Guard, ctx: &Context, plan: &mut Plan) {
             if link.master.is_some() || link.ifindex == br.ifindex || link.kind == LinkKind::Bridge
             {
                 continue; // On this bridge, or on another master (see `moved`): never pulled back.
+            }
+            if ctx.looking.contains(&link.ifindex) {
+                continue; // Where it leads is being looked up.
             }
             if let Some(h) = port_hazard(link, model, &ctx.remote).filter(|_| !policy.allow_unsafe)
             {

@@ -61,9 +61,10 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     }
     // Judged as the agent judges: hazards beyond this namespace too, ports kernel STP blocks for
     // a loop keep STP on, and one probe round (milliseconds) before any port is forced.
-    let mut loops = LoopGuard::new(&guards, None, args.dry_run);
+    let mut loops = LoopGuard::new(&guards, None, args.dry_run, nl.handle.clone());
     loops.resync(&nl.handle, &model).await;
-    for l in loops.refresh(&nl.handle, &model).await {
+    loops.finish_lookups().await;
+    for l in loops.take_fresh() {
         model.apply_netlink(netlink::NetlinkEvent::Link(l), monotonic_ns());
     }
     let plan = planner::plan(&model, &guards, &loops.context(&model));
@@ -100,7 +101,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     }
     // Check the result from the kernel, not from the acks.
     model.reset(
-        netlink::dump(&nl.handle)
+        netlink::dump_consistent(&nl.handle)
             .await
             .context("checking the result")?,
         monotonic_ns(),

@@ -32,6 +32,7 @@ use std::{
     time::Duration,
 };
 
+use futures::{StreamExt as _, future::BoxFuture, stream::FuturesUnordered};
 use rtnetlink::Handle;
 
 use self::{
@@ -55,8 +56,32 @@ use crate::{
 /// How often a blocking port's STP fields are fetched again while it stays blocking: netlink
 /// announces port-state changes (AF_BRIDGE) without the designated bridge and port.
 const STP_RECHECK_NS: Ktime = 1_000_000_000;
+/// How long a fetch of a port's STP fields may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What a look-up beyond the model found.
+enum Lookup {
+    /// Where a port leads in another namespace (`peers`).
+    Peer {
+        ifindex: u32,
+        key: (i32, u32),
+        verdict: Option<String>,
+    },
+    /// A blocking port's fresh snapshot, with its STP fields (`None`: gone, or no answer).
+    Stp {
+        ifindex: u32,
+        fresh: Option<LinkSnapshot>,
+    },
+}
 
 pub struct LoopGuard {
+    /// For look-ups beyond the model (other namespaces, STP fields).
+    handle: Handle,
+    /// Look-ups in flight, answered as news; the ports they are for wait for them.
+    lookups: FuturesUnordered<BoxFuture<'static, Lookup>>,
+    looking: BTreeSet<u32>,
+    /// Fresh snapshots fetched, for the model.
+    fresh: Vec<LinkSnapshot>,
     /// Every guarded bridge, and those with loop protection on.
     guarded: Vec<String>,
     protected: BTreeSet<String>,
@@ -114,7 +139,12 @@ fn mac_text(m: &[u8; 6]) -> String {
 impl LoopGuard {
     /// Opens what loop protection needs for `guards` and logs which detectors run. `observe`:
     /// loops are reported, not cut.
-    pub fn new(guards: &[Guard], probes: Option<&mut Probes>, observe: bool) -> Self {
+    pub fn new(
+        guards: &[Guard],
+        probes: Option<&mut Probes>,
+        observe: bool,
+        handle: Handle,
+    ) -> Self {
         let nonce = random_nonce();
         let n = nonce.to_be_bytes();
         let protected: BTreeSet<String> = guards
@@ -123,6 +153,10 @@ impl LoopGuard {
             .map(|g| g.bridge.clone())
             .collect();
         let mut guard = Self {
+            handle,
+            lookups: FuturesUnordered::new(),
+            looking: BTreeSet::new(),
+            fresh: Vec::new(),
             guarded: guards.iter().map(|g| g.bridge.clone()).collect(),
             protected,
             sockets: None,
@@ -229,6 +263,7 @@ impl LoopGuard {
             frames,
             flaps,
             flap_batch,
+            lookups,
             ..
         } = self;
         let frames_in = async {
@@ -262,10 +297,116 @@ impl LoopGuard {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            () = frames_in => {}
-            () = flaps_in => {}
-            () = due => {}
+        let answer = async {
+            if lookups.is_empty() {
+                std::future::pending().await
+            } else {
+                lookups.next().await
+            }
+        };
+        let found = tokio::select! {
+            () = frames_in => None,
+            () = flaps_in => None,
+            () = due => None,
+            l = answer => l,
+        };
+        if let Some(l) = found {
+            self.take_lookup(l);
+        }
+    }
+
+    fn take_lookup(&mut self, l: Lookup) {
+        match l {
+            Lookup::Peer {
+                ifindex,
+                key,
+                verdict,
+            } => {
+                self.looking.remove(&ifindex);
+                self.peers.insert(ifindex, key, verdict);
+            }
+            Lookup::Stp { ifindex, fresh } => {
+                self.looking.remove(&ifindex);
+                self.fresh.extend(fresh);
+            }
+        }
+    }
+
+    /// Snapshots fetched since the last call (fresh STP fields of blocking ports): news for
+    /// the model.
+    pub fn take_fresh(&mut self) -> Vec<LinkSnapshot> {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// Waits for every look-up in flight (one-shot use: `fix`).
+    pub async fn finish_lookups(&mut self) {
+        while let Some(l) = self.lookups.next().await {
+            self.take_lookup(l);
+        }
+    }
+
+    /// Starts the look-ups the planner waits for: where new ports lead in other namespaces
+    /// (once per port), and fresh STP fields of ports kernel STP blocks (once per blocking
+    /// episode, and again every [`STP_RECHECK_NS`] while it lasts).
+    fn start_lookups(&mut self, model: &Model, now: Ktime) {
+        for p in self.judged_ports(model) {
+            if self.looking.contains(&p.ifindex) {
+                continue;
+            }
+            let Some(key) = self.peers.needs(&p) else {
+                continue;
+            };
+            self.looking.insert(p.ifindex);
+            let handle = self.handle.clone();
+            self.lookups.push(Box::pin(async move {
+                let ifindex = p.ifindex;
+                let verdict = peers::look(handle, p, key.0, key.1).await;
+                Lookup::Peer {
+                    ifindex,
+                    key,
+                    verdict,
+                }
+            }));
+        }
+        let blocking: Vec<(u32, Ktime)> = self
+            .bridges(model)
+            .iter()
+            .filter(|(b, _)| b.stp == Some(StpMode::Kernel))
+            .flat_map(|(b, _)| model.ports_of(b.ifindex))
+            .filter(|p| p.port_state == Some(PortState::Blocking))
+            .map(|p| (p.ifindex, model.track(&p.name).map_or(0, |t| t.since)))
+            .collect();
+        self.stp_checked
+            .retain(|i, _| blocking.iter().any(|(b, _)| b == i));
+        for (ifindex, blocking_since) in blocking {
+            let stale = self
+                .stp_checked
+                .get(&ifindex)
+                .is_none_or(|t| *t < blocking_since || now.saturating_sub(*t) > STP_RECHECK_NS);
+            if !stale || self.looking.contains(&ifindex) {
+                continue;
+            }
+            self.stp_checked.insert(ifindex, now);
+            self.looking.insert(ifindex);
+            let handle = self.handle.clone();
+            self.lookups.push(Box::pin(async move {
+                let fetched =
+                    tokio::time::timeout(FETCH_TIMEOUT, netlink::link_in(&handle, None, ifindex))
+                        .await;
+                let fresh = match fetched {
+                    Ok(Ok(l)) => l,
+                    Ok(Err(e)) => {
+                        tracing::debug!(
+                            ifindex,
+                            "cannot fetch STP fields: {}",
+                            crate::error_chain(&e)
+                        );
+                        None
+                    }
+                    Err(_) => None,
+                };
+                Lookup::Stp { ifindex, fresh }
+            }));
         }
     }
 
@@ -361,6 +502,7 @@ impl LoopGuard {
         for b in due {
             self.send_round(b, model, now);
         }
+        self.start_lookups(model, now);
         for d in &detections {
             tracing::warn!(
                 bridge = %d.bridge,
@@ -550,51 +692,6 @@ impl LoopGuard {
         }
     }
 
-    /// Fetches what the planner needs from the kernel beyond the model: where ports lead in
-    /// other namespaces (first time only), and fresh STP fields of ports kernel STP blocks.
-    /// Returns the fresh snapshots, for the model.
-    pub async fn refresh(&mut self, handle: &Handle, model: &Model) -> Vec<LinkSnapshot> {
-        let bridges: Vec<(u32, bool)> = self
-            .bridges(model)
-            .into_iter()
-            .map(|(b, _)| (b.ifindex, b.stp == Some(StpMode::Kernel)))
-            .collect();
-        self.peers
-            .refresh(handle, self.judged_ports(model), false)
-            .await;
-        let now = monotonic_ns();
-        let blocking: Vec<(u32, Ktime)> = bridges
-            .iter()
-            .filter(|(_, kernel_stp)| *kernel_stp)
-            .flat_map(|(b, _)| model.ports_of(*b))
-            .filter(|p| p.port_state == Some(PortState::Blocking))
-            .map(|p| (p.ifindex, model.track(&p.name).map_or(0, |t| t.since)))
-            .collect();
-        self.stp_checked
-            .retain(|i, _| blocking.iter().any(|(b, _)| b == i));
-        let mut fresh = Vec::new();
-        for (ifindex, blocking_since) in blocking {
-            let stale = self
-                .stp_checked
-                .get(&ifindex)
-                .is_none_or(|t| *t < blocking_since || now.saturating_sub(*t) > STP_RECHECK_NS);
-            if !stale {
-                continue;
-            }
-            self.stp_checked.insert(ifindex, now);
-            match netlink::link_in(handle, None, ifindex).await {
-                Ok(Some(l)) => fresh.push(l),
-                Ok(None) => {}
-                Err(e) => tracing::debug!(
-                    ifindex,
-                    "cannot fetch STP fields: {}",
-                    crate::error_chain(&e)
-                ),
-            }
-        }
-        fresh
-    }
-
     /// The ports of the guarded bridges, and members to re-attach: both are judged by where
     /// they lead.
     fn judged_ports(&self, model: &Model) -> Vec<LinkSnapshot> {
@@ -629,7 +726,7 @@ impl LoopGuard {
             }
         }
         self.peers
-            .refresh(handle, self.judged_ports(model), true)
+            .refresh_all(handle, self.judged_ports(model))
             .await;
         let guarded: BTreeSet<u32> = self.bridges(model).iter().map(|(b, _)| b.ifindex).collect();
         match netlink::bridge_ports(handle).await {
@@ -652,6 +749,7 @@ impl LoopGuard {
             stp_off_by_us: self.stp_off_by_us.clone(),
             remote: self.peers.remote(),
             undecoded: self.undecoded.clone(),
+            looking: self.looking.clone(),
             ..Context::default()
         };
         for (b, on) in self.bridges(model) {

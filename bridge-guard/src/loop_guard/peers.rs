@@ -7,7 +7,7 @@
 //! changes, and looked at again on every full reconcile (off the repair path: a reconcile dumps
 //! everything anyway).
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use rtnetlink::Handle;
 
@@ -20,33 +20,43 @@ pub struct Peers {
     found: BTreeMap<u32, ((i32, u32), Option<String>)>,
 }
 
+/// How long a look into another namespace may take before it counts as a hazard.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl Peers {
-    /// Looks at every port in `ports` that leads into another namespace: those not looked at
-    /// yet, or all of them with `again`. One round trip or three per port.
-    pub async fn refresh(&mut self, handle: &Handle, ports: Vec<LinkSnapshot>, again: bool) {
-        let present: std::collections::BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
-        if again {
-            self.found.retain(|i, _| present.contains(i));
+    /// What `port` must be looked up for, if it leads into another namespace and what was found
+    /// (if anything) was for another device: `(netns id, remote ifindex)`.
+    pub fn needs(&self, port: &LinkSnapshot) -> Option<(i32, u32)> {
+        if !matches!(port.kind, LinkKind::Veth | LinkKind::Stacked(_)) {
+            return None;
         }
-        for p in ports
-            .into_iter()
-            .filter(|p| matches!(p.kind, LinkKind::Veth | LinkKind::Stacked(_)))
-        {
+        let key = (port.link_netnsid?, port.lower?);
+        let known = self
+            .found
+            .get(&port.ifindex)
+            .is_some_and(|(k, _)| *k == key);
+        (!known).then_some(key)
+    }
+
+    /// Records what a look found.
+    pub fn insert(&mut self, ifindex: u32, key: (i32, u32), verdict: Option<String>) {
+        self.found.insert(ifindex, (key, verdict));
+    }
+
+    /// Looks at every port in `ports` that leads into another namespace, again, and forgets
+    /// ports not among them: a full reconcile's part, off the repair path.
+    pub async fn refresh_all(&mut self, handle: &Handle, ports: Vec<LinkSnapshot>) {
+        let present: std::collections::BTreeSet<u32> = ports.iter().map(|p| p.ifindex).collect();
+        self.found.retain(|i, _| present.contains(i));
+        for p in ports {
             let (Some(nsid), Some(lower)) = (p.link_netnsid, p.lower) else {
                 continue;
             };
-            let known = self
-                .found
-                .get(&p.ifindex)
-                .is_some_and(|(key, _)| *key == (nsid, lower));
-            if known && !again {
+            if !matches!(p.kind, LinkKind::Veth | LinkKind::Stacked(_)) {
                 continue;
             }
-            let verdict = look(handle, &p, nsid, lower).await;
-            if let Some(why) = &verdict {
-                tracing::debug!(port = %p.name, "beyond this namespace: {why}");
-            }
-            self.found.insert(p.ifindex, ((nsid, lower), verdict));
+            let verdict = look(handle.clone(), p.clone(), nsid, lower).await;
+            self.insert(p.ifindex, (nsid, lower), verdict);
         }
     }
 
@@ -59,8 +69,23 @@ impl Peers {
     }
 }
 
-/// A hazard where `port` leads in namespace `nsid`, or `None` if it is safe.
-async fn look(handle: &Handle, port: &LinkSnapshot, nsid: i32, lower: u32) -> Option<String> {
+/// A hazard where `port` leads in namespace `nsid` (as device `lower` there), or `None` if it
+/// is safe. Bounded by [`LOOK_TIMEOUT`]: no answer counts as a hazard.
+pub async fn look(handle: Handle, port: LinkSnapshot, nsid: i32, lower: u32) -> Option<String> {
+    let verdict = tokio::time::timeout(LOOK_TIMEOUT, look_into(&handle, &port, nsid, lower)).await;
+    let verdict = verdict.unwrap_or_else(|_| {
+        Some(format!(
+            "no answer within {LOOK_TIMEOUT:?} on where {} leads (namespace {nsid})",
+            port.name
+        ))
+    });
+    if let Some(why) = &verdict {
+        tracing::debug!(port = %port.name, "beyond this namespace: {why}");
+    }
+    verdict
+}
+
+async fn look_into(handle: &Handle, port: &LinkSnapshot, nsid: i32, lower: u32) -> Option<String> {
     let name = &port.name;
     let far = match netlink::link_in(handle, Some(nsid), lower).await {
         Ok(Some(l)) => l,
