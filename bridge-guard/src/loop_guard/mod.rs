@@ -349,13 +349,12 @@ impl LoopGuard {
     /// (once per port), and fresh STP fields of ports kernel STP blocks (once per blocking
     /// episode, and again every [`STP_RECHECK_NS`] while it lasts).
     fn start_lookups(&mut self, model: &Model, now: Ktime) {
-        for p in self.judged_ports(model) {
-            if self.looking.contains(&p.ifindex) {
-                continue;
-            }
-            let Some(key) = self.peers.needs(&p) else {
-                continue;
-            };
+        let needed: Vec<(LinkSnapshot, (i32, u32))> = self
+            .judged(model)
+            .filter(|p| !self.looking.contains(&p.ifindex))
+            .filter_map(|p| self.peers.needs(p).map(|key| (p.clone(), key)))
+            .collect();
+        for (p, key) in needed {
             self.looking.insert(p.ifindex);
             let handle = self.handle.clone();
             self.lookups.push(Box::pin(async move {
@@ -442,8 +441,15 @@ impl LoopGuard {
             .flat_map(|b| model.ports_of(*b).map(move |p| (p.ifindex, *b)))
             .collect();
         let wanted: BTreeSet<u32> = ports.keys().copied().collect();
+        // Sockets on ports with carrier only: nothing flows through the others (a tap nobody
+        // opened yet), and a churn of such taps costs no syscalls.
         if let Some(s) = &mut self.sockets {
-            s.sync(&wanted);
+            let up: BTreeSet<u32> = wanted
+                .iter()
+                .copied()
+                .filter(|i| model.link(*i).is_some_and(|l| l.oper_up))
+                .collect();
+            s.sync(&up);
         }
         let forwarding = |i: u32| {
             model
@@ -460,7 +466,7 @@ impl LoopGuard {
             let Some(l) = model.link(port) else { continue };
             let state = (l.oper_up, l.port_state == Some(PortState::Forwarding));
             let prev = self.last.insert(port, state);
-            let rose = prev.is_none_or(|p| state.0 && !p.0 || state.1 && !p.1);
+            let rose = prev.map_or(state.0 || state.1, |p| state.0 && !p.0 || state.1 && !p.1);
             if rose {
                 due.insert(bridge);
             }
@@ -641,6 +647,11 @@ impl LoopGuard {
 
     /// Sends a probe out of every oper-up port of `bridge_ifindex`.
     fn send_round(&mut self, bridge_ifindex: u32, model: &Model, now: Ktime) {
+        // Socket drops are read on the periodic rounds only: a syscall per port.
+        let periodic = self
+            .next_round
+            .get(&bridge_ifindex)
+            .is_some_and(|at| *at <= now);
         self.next_round.insert(bridge_ifindex, now + PROBE_EVERY_NS);
         let Some(br) = model.link(bridge_ifindex) else {
             return;
@@ -680,7 +691,7 @@ impl LoopGuard {
         }
         tracing::debug!(bridge = %br.name, ports = sent.len(), "probe round");
         self.holds.start_round(bridge_ifindex, sent, now);
-        if let Some(s) = &self.sockets {
+        if let Some(s) = self.sockets.as_ref().filter(|_| periodic) {
             let drops = s.take_drops();
             if drops > 0 {
                 tracing::warn!(
@@ -694,22 +705,19 @@ impl LoopGuard {
 
     /// The ports of the guarded bridges, and members to re-attach: both are judged by where
     /// they lead.
-    fn judged_ports(&self, model: &Model) -> Vec<LinkSnapshot> {
-        let mut ports: Vec<LinkSnapshot> = self
-            .bridges(model)
+    fn judged<'m>(&'m self, model: &'m Model) -> impl Iterator<Item = &'m LinkSnapshot> {
+        let ports = self
+            .guarded
             .iter()
-            .flat_map(|(b, _)| model.ports_of(b.ifindex))
-            .cloned()
-            .collect();
-        ports.extend(
-            self.guarded
-                .iter()
-                .flat_map(|b| model.members(b))
-                .filter_map(|m| model.link_by_name(m))
-                .filter(|l| l.master.is_none())
-                .cloned(),
-        );
-        ports
+            .filter_map(|b| model.bridge(b))
+            .flat_map(|b| model.ports_of(b.ifindex));
+        let detached = self
+            .guarded
+            .iter()
+            .flat_map(|b| model.members(b))
+            .filter_map(|m| model.link_by_name(m))
+            .filter(|l| l.master.is_none());
+        ports.chain(detached)
     }
 
     /// A full reconcile: looks beyond this namespace again, and lists the ports netlink could
@@ -725,9 +733,8 @@ impl LoopGuard {
                 detections.extend(self.update(model, monotonic_ns()));
             }
         }
-        self.peers
-            .refresh_all(handle, self.judged_ports(model))
-            .await;
+        let judged = self.judged(model).cloned().collect();
+        self.peers.refresh_all(handle, judged).await;
         let guarded: BTreeSet<u32> = self.bridges(model).iter().map(|(b, _)| b.ifindex).collect();
         match netlink::bridge_ports(handle).await {
             Ok(ports) => {

@@ -151,6 +151,10 @@ impl Sockets {
                 Ok(fd) => {
                     self.ports.insert(ifindex, fd);
                 }
+                // Gone before its socket was bound: nothing to watch, nothing to say.
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {
+                    tracing::debug!(ifindex, "port gone before loop protection could watch it");
+                }
                 // The port vanished meanwhile (ENODEV), or packet sockets are refused
                 // (no CAP_NET_RAW): loop protection cannot watch it.
                 Err(e) => {
