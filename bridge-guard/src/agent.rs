@@ -35,6 +35,10 @@ use crate::{
 /// How long published state may lag the model: coalesces bursts of changes into one write.
 const PUBLISH_DELAY: Duration = Duration::from_millis(5);
 
+/// How often the state file is rewritten even when nothing changed (ops): `status` judges a
+/// state file older than a few of these as left by an agent that is not running.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+
 /// How long a repair may go unconfirmed before it may be issued again.
 const CONFIRM_TIMEOUT_NS: u64 = 1_000_000_000;
 
@@ -92,6 +96,9 @@ pub struct Agent {
     lost_seen: u64,
     /// Transitions seen but not yet accounted and logged, with their cause.
     unlogged: Vec<(Transition, &'static str)>,
+    /// Ports deleted (ops): forgotten by accounting once the transitions noted before their
+    /// deletion (index into `unlogged`) are accounted, so none brings their series back.
+    deleted: Vec<(usize, String)>,
     dirty: bool,
     /// Our own pid, to recognise our repairs in eBPF's actors (`process::id` is a syscall).
     pid: u32,
@@ -156,9 +163,10 @@ impl Agent {
             refusals: Vec::new(),
             logged_refusals: BTreeSet::new(),
             repairs: BTreeMap::new(),
-            accounting: Arc::new(Mutex::new(Accounting::default())),
+            accounting: Arc::new(Mutex::new(Accounting::new())),
             lost_seen: 0,
             unlogged: Vec::new(),
+            deleted: Vec::new(),
             pid: std::process::id(),
             dirty: true,
         })
@@ -169,7 +177,11 @@ impl Agent {
                     .map(|h| (h.hook.to_owned(), h.tier.to_string()))
                     .collect()
             });
-            agent.acc().hooks = hooks;
+            let mut acc = agent.acc();
+            acc.hooks = hooks;
+            // ops: every guarded bridge's series exist from the start, at zero.
+            acc.guard(agent.cfg.guards.iter().map(|g| g.bridge.as_str()));
+            acc.observe = agent.cfg.observe;
         })
     }
 
@@ -227,6 +239,8 @@ impl Agent {
         let mut batch = Vec::new();
         let mut notices = Vec::new();
         let mut publish_at: Option<Instant> = None;
+        // ops: the state file's timestamp is the agent's heartbeat for `status`.
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         loop {
             let now = monotonic_ns();
             let wake = self
@@ -249,7 +263,10 @@ impl Agent {
                 ev = netlink::next_event(&mut self.netlink.notifications) => {
                     notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
                 }
-                _ = tick.tick() => self.resync().await?,
+                _ = tick.tick() => {
+                    self.acc().on_resync("periodic");
+                    self.resync().await?;
+                }
                 () = async {
                     match publish_at {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -261,6 +278,11 @@ impl Agent {
                     continue;
                 }
                 _ = summary.tick() => self.log_summary(),
+                _ = heartbeat.tick() => {
+                    self.dirty = true;
+                    self.publish();
+                    continue;
+                }
                 () = async {
                     match watchdog.as_mut() {
                         Some((_, every)) => drop(every.tick().await),
@@ -305,8 +327,12 @@ impl Agent {
                         lost = lost - self.lost_seen,
                         "eBPF events were lost (ring buffer full): resyncing from a dump"
                     );
+                    {
+                        let mut acc = self.acc();
+                        acc.note_lost_total("ebpf", lost);
+                        acc.on_resync("ebpf_lost");
+                    }
                     self.lost_seen = lost;
-                    self.acc().ringbuf_lost = lost;
                     self.resync().await?;
                 }
             }
@@ -329,6 +355,11 @@ impl Agent {
             }
             if overrun {
                 tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
+                {
+                    let mut acc = self.acc();
+                    acc.on_lost("netlink", 1);
+                    acc.on_resync("netlink_overrun");
+                }
                 self.resync().await?;
             }
             self.reconcile(woke).await;
@@ -367,7 +398,7 @@ impl Agent {
                 blocking_s = %secs(PortState::Blocking),
                 disabled_s = %secs(PortState::Disabled),
                 detached_s = %secs(PortState::Detached),
-                outages = p.outages.count,
+                outages = p.outages,
                 longest_outage_ms = p.longest_outage_ns / 1_000_000,
                 last_outage_ms = p.last_episode.as_ref().map(|e| e.duration_ns(now) / 1_000_000),
                 repairs = p.repairs,
@@ -380,6 +411,10 @@ impl Agent {
         *self.acc().events.entry("netlink").or_default() += 1;
         if matches!(&ev, NetlinkEvent::Link(l) if l.kind == LinkKind::Bridge) {
             self.retry_probes();
+        }
+        // ops: a deleted port's series leave /metrics (after what it did before is accounted).
+        if let NetlinkEvent::Removed { name, .. } = &ev {
+            self.deleted.push((self.unlogged.len(), name.clone()));
         }
         let t = self.model.apply_netlink(ev, monotonic_ns());
         self.record_transitions(&t);
@@ -450,7 +485,11 @@ impl Agent {
     }
 
     fn flush_transitions(&mut self) {
-        for (t, cause) in std::mem::take(&mut self.unlogged) {
+        let mut deleted = std::mem::take(&mut self.deleted).into_iter().peekable();
+        for (i, (t, cause)) in std::mem::take(&mut self.unlogged).into_iter().enumerate() {
+            while let Some((_, name)) = deleted.next_if(|(at, _)| *at <= i) {
+                self.acc().forget_port(&name);
+            }
             let t = &t;
             self.dirty = true;
             let listening_ns = {
@@ -482,6 +521,9 @@ impl Agent {
                 clock = ?t.clock,
                 "port state"
             );
+        }
+        for (_, name) in deleted {
+            self.acc().forget_port(&name);
         }
     }
 
@@ -545,6 +587,15 @@ impl Agent {
         if plan.refusals != self.refusals {
             self.refusals.clone_from(&plan.refusals);
             self.dirty = true;
+            let mut acc = self.acc();
+            for g in &self.cfg.guards {
+                let n = self
+                    .refusals
+                    .iter()
+                    .filter(|r| r.bridge == g.bridge)
+                    .count();
+                acc.set_refusals(&g.bridge, n as u64);
+            }
         }
         if self.cfg.observe {
             let keys: BTreeSet<String> = plan.actions.iter().map(Action::key).collect();
@@ -636,6 +687,7 @@ impl Agent {
     /// Logs and forgets repairs the model shows done, and those that timed out.
     fn confirm(&mut self, now: Ktime) {
         let model = &self.model;
+        let accounting = &self.accounting;
         self.pending.retain(|_, p| {
             if p.action.done(model) {
                 let outage = p.outage_since.map_or_else(String::new, |t| {
@@ -656,6 +708,10 @@ impl Agent {
                     p.action,
                     p.fault
                 );
+                accounting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .on_unconfirmed(p.action.bridge(), p.action.kind());
                 false
             } else {
                 true
@@ -695,6 +751,8 @@ impl Agent {
                         .map(|r| r.reason.clone())
                         .collect(),
                     repairs: self.repairs.get(&g.bridge).copied().unwrap_or(0),
+                    // Filled by the lead's fight tracking.
+                    fights: Vec::new(),
                     ports: self
                         .model
                         .tracks()
@@ -738,6 +796,7 @@ impl Agent {
             updated_unix_ns: unix(monotonic_ns()),
             hooks: self.hooks_summary(),
             observe: self.cfg.observe,
+            heartbeat_secs: HEARTBEAT.as_secs(),
             bridges,
         }
     }
@@ -749,7 +808,7 @@ impl Agent {
         }
         self.dirty = false;
         if let Some(ev) = &self.events {
-            self.acc().ringbuf_lost = ev.lost();
+            self.acc().note_lost_total("ebpf", ev.lost());
         }
         if let Some(path) = &self.cfg.metrics_textfile {
             if let Err(e) = exposition::write_textfile(path, &self.acc()) {
