@@ -15,6 +15,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use netlab::read_lines;
 pub use netlab::{NetNs, VmLab, http_get};
+
+pub mod apt;
+pub mod scrape;
 use serde_json::Value;
 
 /// Prefix of every namespace the tests create; distinct from the bench's and the demo's, so

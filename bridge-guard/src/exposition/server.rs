@@ -9,7 +9,8 @@
 //!   [`Limits::connection_timeout`] (slow clients are cut off); one request per connection;
 //! - requests are bounded to [`Limits::max_request_bytes`] of head;
 //! - an accept error that is not one connection's (EMFILE, ENFILE, ENOBUFS) pauses accepting,
-//!   from 10 ms doubling to 1 s, instead of spinning on a listener that stays readable;
+//!   from 10 ms doubling to 1 s, instead of spinning on a listener that stays readable; out of
+//!   descriptors, it also closes its oldest connection, so the next scrape gets one;
 //! - rendering copies the accounting under its lock and renders outside it, so the agent's
 //!   event loop waits at most for a copy.
 
@@ -143,7 +144,7 @@ pub async fn serve(listener: TcpListener, accounting: Arc<Mutex<Accounting>>, li
         .max_buf_size(limits.max_request_bytes.max(8192));
     let mut tasks: JoinSet<u64> = JoinSet::new();
     // Connection number -> its task, oldest first.
-    let mut live = BTreeMap::new();
+    let mut live: BTreeMap<u64, tokio::task::AbortHandle> = BTreeMap::new();
     let mut next = 0u64;
     let mut pause = PAUSE_MIN;
     let mut accept_warning = RateLimitedWarning::new();
@@ -155,7 +156,7 @@ pub async fn serve(listener: TcpListener, accounting: Arc<Mutex<Accounting>>, li
                     pause = PAUSE_MIN;
                     while live.len() >= limits.max_connections {
                         let Some((_, oldest)) = live.pop_first() else { break };
-                        tokio::task::AbortHandle::abort(&oldest);
+                        oldest.abort();
                         evict_warning.warn(|more| format!(
                             "metrics: more than {} connections at once; closing the oldest \
                              ({more} more since the last warning)",
@@ -189,6 +190,13 @@ pub async fn serve(listener: TcpListener, accounting: Arc<Mutex<Accounting>>, li
                         "metrics: cannot accept connections ({e}); pausing up to {PAUSE_MAX:?} \
                          between tries ({more} more since the last warning)"
                     ));
+                    // Out of descriptors: give one of ours back (the oldest connection), so
+                    // scrapes get through and the agent's own files can be opened.
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        if let Some((_, oldest)) = live.pop_first() {
+                            oldest.abort();
+                        }
+                    }
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(PAUSE_MAX);
                 }
