@@ -649,4 +649,41 @@ mod tests {
         }
         assert_well_formed(&text);
     }
+
+    #[test]
+    fn the_shipped_rules_and_dashboard_name_only_metrics_the_agent_serves() {
+        let mut acc = Accounting::new();
+        acc.guard(["virbr0"]);
+        walk(&mut acc, "virbr0", "vnet0");
+        acc.hooks.push(("port-state".into(), "tracepoint".into()));
+        let stats = ProcessStats::read().expect("reads /proc/self");
+        let text = render(&acc, 5_000_000_000, &BUILD, Some(&stats));
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../monitoring");
+        let mut checked = 0;
+        for file in ["alerts.yml", "alerts.test.yml", "dashboard.json"] {
+            let body = std::fs::read_to_string(dir.join(file)).expect("monitoring file");
+            for (i, _) in body.match_indices("bridge_guard_") {
+                let name: String = body[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|f| families.contains(f))
+                    .unwrap_or(&name);
+                assert!(
+                    families.contains(&family),
+                    "{file} names {name}, which the agent does not serve"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 20, "only {checked} metric names found");
+    }
 }
