@@ -64,6 +64,9 @@ enum Command {
     Watch(watch::Args),
     /// Report what this kernel allows: BTF, offsets, capabilities, and the hook tier chosen for
     /// each observation, with the reason better tiers failed. Always exits 0.
+    ///
+    /// `doctor --path virbr0` instead checks what stops virbr0's VM traffic beyond layer 2:
+    /// a VPN's default route, firewall drops, strict rp_filter, forwarding off, no DHCP/DNS.
     Doctor(doctor::Args),
 }
 
