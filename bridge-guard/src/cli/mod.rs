@@ -50,8 +50,8 @@ enum Command {
     ///
     /// Example: `bridge-guard fix virbr0 --port-pattern 'vnet*'`.
     Fix(fix::Args),
-    /// Check a configuration file without running anything: every error with file:line:column
-    /// and a hint; exits 1 if there is any.
+    /// Check a configuration file (default /etc/bridge-guard/config.toml) without running
+    /// anything: every error with file:line:column and a hint; exits 1 if there is any.
     CheckConfig(check_config::Args),
     /// Show what the running agent knows: each guarded bridge and port, its state and since
     /// when, STP, carrier, repairs, refusals, and who keeps undoing repairs with the lasting
