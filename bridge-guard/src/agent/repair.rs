@@ -104,6 +104,15 @@ impl Agent {
         if plan.refusals != self.refusals {
             self.refusals.clone_from(&plan.refusals);
             self.dirty = true;
+            let mut acc = self.acc();
+            for g in &self.cfg.guards {
+                let n = self
+                    .refusals
+                    .iter()
+                    .filter(|r| r.bridge == g.bridge)
+                    .count();
+                acc.set_refusals(&g.bridge, n as u64);
+            }
         }
         if self.cfg.observe {
             let keys: BTreeSet<String> = plan.actions.iter().map(Action::key).collect();
@@ -264,8 +273,8 @@ impl Agent {
                         "{}: abandoned; resyncing from a dump",
                         crate::error_chain(&e)
                     );
-                    self.acc().on_unanswered(action.bridge(), action.kind());
-                    self.request_resync("request-timeout");
+                    self.acc().on_unconfirmed(action.bridge(), action.kind());
+                    self.request_resync("request_timeout");
                 }
                 Err(e) => {
                     self.acc()
