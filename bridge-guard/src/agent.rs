@@ -200,8 +200,9 @@ impl Agent {
             Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
         }
         let transitions = self.model.reset(links, monotonic_ns());
-        for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
-            self.model.remember(&bridge, &port);
+        // Each interface also carries what `bridge_guard_port_info` shows (domain, MAC).
+        for i in membership::libvirt_ports(&self.cfg.libvirt_dir) {
+            self.model.remember(&i.bridge, &i.dev);
         }
         self.record_transitions(&transitions);
         self.reconcile(monotonic_ns()).await;
