@@ -235,6 +235,7 @@ impl Agent {
                 .next_wakeup(now)
                 .into_iter()
                 .chain(self.pending.values().map(|p| p.issued + CONFIRM_TIMEOUT_NS))
+                .chain(planner::settle_deadline(&self.model, now))
                 .min()
                 .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
             let ebpf_next = async {
@@ -537,7 +538,7 @@ impl Agent {
                 );
             }
         }
-        let plan = planner::plan(&self.model, &self.cfg.guards);
+        let plan = planner::plan_at(&self.model, &self.cfg.guards, now);
         for r in &plan.refusals {
             if self.logged_refusals.insert(r.clone()) {
                 tracing::warn!(bridge = %r.bridge, "refused: {}", r.reason);
