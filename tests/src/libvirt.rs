@@ -16,7 +16,7 @@
 //! interfaces are USB NICs, whose unplug needs no guest to acknowledge it.
 
 use std::{
-    io::Write as _,
+    io::{ErrorKind, Write as _},
     os::fd::{AsRawFd as _, FromRawFd as _},
     os::unix::net::UnixDatagram,
     path::{Path, PathBuf},
@@ -189,11 +189,16 @@ impl LibvirtLab {
                 root.join(file).display()
             ));
         }
-        script.push_str("exec libvirtd\n");
+        // Its pid file too: the default, /run/libvirtd.pid, is the host's.
+        script.push_str(&format!(
+            "exec libvirtd --pid-file {}\n",
+            root.join("libvirtd.pid").display()
+        ));
 
         let notify_path = root.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).context("binding the sd_notify socket")?;
-        notify.set_read_timeout(Some(DAEMON_READY))?;
+        // Short reads, so that a daemon that died is noticed at once rather than at the bound.
+        notify.set_read_timeout(Some(Duration::from_millis(100)))?;
         let log = std::fs::File::create(root.join("libvirtd.log"))?;
         let libvirtd = ns
             .command("unshare")
@@ -212,17 +217,22 @@ impl LibvirtLab {
         };
         let deadline = Instant::now() + DAEMON_READY;
         let mut buf = [0u8; 4096];
+        let mut lab = lab;
         loop {
-            let n = notify.recv(&mut buf).with_context(|| {
-                format!(
-                    "libvirtd not ready after {DAEMON_READY:?}; its log:\n{}",
-                    lab.log()
-                )
-            })?;
-            if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") {
-                break;
+            match notify.recv(&mut buf) {
+                Ok(n) if buf[..n].split(|b| *b == b'\n').any(|l| l == b"READY=1") => break,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e).context("reading libvirtd's sd_notify socket"),
             }
-            ensure!(Instant::now() < deadline, "libvirtd never said READY=1");
+            if let Some(status) = lab.libvirtd.try_wait()? {
+                bail!("libvirtd exited ({status}) before it was ready; its log:\n{}", lab.log());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "libvirtd not ready after {DAEMON_READY:?}; its log:\n{}",
+                lab.log()
+            );
         }
         Ok(lab)
     }
