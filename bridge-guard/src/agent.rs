@@ -199,11 +199,13 @@ impl Agent {
             Ok(mrp) => self.model.set_mrp(mrp),
             Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
         }
-        let transitions = self.model.reset(links, monotonic_ns());
-        // Each interface also carries what `bridge_guard_port_info` shows (domain, MAC).
+        // Before the reset, so that the ports libvirt names are tracked (and published) from
+        // this dump on, detached ones too: ready means every port is known. Each interface also
+        // carries what `bridge_guard_port_info` shows (domain, MAC).
         for i in membership::libvirt_ports(&self.cfg.libvirt_dir) {
             self.model.remember(&i.bridge, &i.dev);
         }
+        let transitions = self.model.reset(links, monotonic_ns());
         self.record_transitions(&transitions);
         self.reconcile(monotonic_ns()).await;
         Ok(())
