@@ -28,7 +28,7 @@ use crate::{
     event::{Actor, DecodeError, KernelEvent},
     membership,
     model::{Ktime, Model, Transition},
-    planner::{Action, Guard, Refusal},
+    planner::{self, Action, Guard, Refusal},
     rate::{self, RateLimiter},
     sources::{
         ebpf::{
@@ -269,9 +269,27 @@ impl Agent {
             Ok(mrp) => self.model.set_mrp(mrp),
             Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
         }
+        // Before the reset, so that the ports libvirt names are tracked (and published) from
+        // this dump on, detached ones too: ready means every port is known. Each interface also
+        // carries what `bridge_guard_port_info` shows (domain, MAC).
+        let interfaces = membership::libvirt_ports(&self.cfg.libvirt_dir);
+        for i in &interfaces {
+            self.model.remember(&i.bridge, &i.dev);
+        }
         let transitions = self.model.reset_from_dump(links, asked, monotonic_ns());
-        for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
-            self.model.remember(&bridge, &port);
+        {
+            let mut acc = self.acc();
+            acc.port_info = interfaces
+                .into_iter()
+                .filter(|i| self.model.track(&i.dev).is_some())
+                .map(|i| {
+                    let info = crate::accounting::PortInfo {
+                        domain: i.domain,
+                        mac: i.mac,
+                    };
+                    (i.dev, info)
+                })
+                .collect();
         }
         self.record_transitions(&transitions);
         self.acc().on_resync(reason);
@@ -404,6 +422,7 @@ impl Agent {
             .filter_map(|(key, _)| self.limiter.wait_until(key, now))
             .chain(self.limiter.next_tick())
             .chain(self.lines.next_due())
+            .chain(planner::settle_deadline(&self.model, now))
             .min()
             .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
         at.into_iter()

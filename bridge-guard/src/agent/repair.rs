@@ -95,7 +95,7 @@ impl Agent {
     }
 
     fn repair(&mut self, woke: Ktime, now: Ktime) {
-        let plan = planner::plan(&self.model, &self.cfg.guards);
+        let plan = planner::plan_at(&self.model, &self.cfg.guards, now);
         for r in &plan.refusals {
             if !self.refusals.contains(r) {
                 tracing::warn!(bridge = %r.bridge, "refused: {}", r.reason);
@@ -243,22 +243,6 @@ impl Agent {
                         crate::error_chain(&e),
                         sent.fault
                     );
-                }
-                // The bridge went away under a re-attach (EINVAL: no such master): deleting a
-                // bridge detaches its ports one by one before the bridge itself goes. Said at
-                // once only the first time; if it persists for this bridge, it is a failure.
-                Err(e)
-                    if e.errno() == Some(libc::EINVAL)
-                        && action.kind() == "reattach"
-                        && !self.failures.contains_key(&sent.key) =>
-                {
-                    tracing::info!(
-                        "repair overtaken: {}: {} (is {} being deleted?)",
-                        crate::error_chain(&e),
-                        sent.fault,
-                        action.bridge()
-                    );
-                    self.failures.insert(sent.key.clone(), (0, 0));
                 }
                 // STP came back on between the STP-off and this: the plan sends STP-off again
                 // first.
