@@ -77,8 +77,8 @@ pub struct Config {
 pub enum AgentError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    #[error("the netlink connection closed")]
-    NetlinkClosed,
+    #[error("reading link notifications")]
+    Notifications(#[source] std::io::Error),
     #[error("reading the eBPF ring buffer")]
     Ring(#[source] std::io::Error),
 }
@@ -371,8 +371,8 @@ impl Agent {
                 _ = reconcile.tick() => self.request_resync("periodic"),
                 Some(a) = self.requests.next(), if !self.requests.is_empty() => answers = Some(a),
                 r = ebpf_next => r.map_err(AgentError::Ring)?,
-                ev = netlink::next_event(&mut self.netlink.notifications) => {
-                    notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
+                ev = self.netlink.notifications.recv() => {
+                    notices.push(ev.map_err(AgentError::Notifications)?);
                 }
                 () = sleep_until(wake) => {}
             }
@@ -440,13 +440,18 @@ impl Agent {
         if let Some(ev) = self.events.as_mut() {
             ev.drain(batch, ring::BATCH);
         }
-        let mut taken = 0;
-        while taken < NETLINK_BATCH {
-            let Ok((msg, _)) = self.netlink.notifications.try_recv() else {
-                break;
-            };
-            taken += 1;
-            notices.extend(netlink::decode(&msg));
+        // Bounded per turn; what is left waits in the kernel's buffer (a flood overflows it
+        // into a resync rather than into the agent's memory).
+        while notices.len() < NETLINK_BATCH {
+            match self.netlink.notifications.try_recv() {
+                Ok(Some(ev)) => notices.push(ev),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("reading link notifications: {e}; resyncing from a dump");
+                    self.request_resync("netlink_overrun");
+                    break;
+                }
+            }
         }
         if !batch.is_empty() {
             *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
