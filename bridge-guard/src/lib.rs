@@ -15,6 +15,7 @@ pub mod exposition;
 pub mod loop_guard;
 pub mod membership;
 pub mod model;
+pub mod path_check;
 pub mod planner;
 pub mod rate;
 pub mod sources;

@@ -48,8 +48,8 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
             args.bridge
         );
     }
-    for (bridge, port) in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
-        model.remember(&bridge, &port);
+    for i in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
+        model.remember(&i.bridge, &i.dev);
     }
     // Members the agent learned (a port detached before this run is known only there).
     if let Ok(previous) = Status::read(&settings.state_dir) {

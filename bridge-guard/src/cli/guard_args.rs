@@ -35,8 +35,9 @@ pub struct PolicyArgs {
     /// received frame. Without it, a guest that bridges two of its NICs makes a broadcast storm.
     #[arg(long)]
     pub no_loop_protect: bool,
-    /// Where libvirt keeps live domain XML, read for which taps belong to which bridge
-    /// [default: /run/libvirt/qemu].
+    /// libvirt's run directory (`/run/libvirt`) or its `qemu` subdirectory: live domain XML
+    /// (`qemu/*.xml`) and active networks' status (`network/*.xml`) say which tap belongs to
+    /// which bridge [default: /run/libvirt/qemu].
     #[arg(long, value_name = "DIR")]
     pub libvirt_dir: Option<PathBuf>,
     /// The configuration file [default: /etc/bridge-guard/config.toml, if it exists].
