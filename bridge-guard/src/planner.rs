@@ -706,10 +706,7 @@ mod tests {
                 .is_empty()
         );
         // Deleted and created again by its owner: down, STP on, its port not back yet.
-        m.apply_netlink(
-            NetlinkEvent::Link(link(9, "vnet0", TAP, None)),
-            2_000,
-        );
+        m.apply_netlink(NetlinkEvent::Link(link(9, "vnet0", TAP, None)), 2_000);
         m.apply_netlink(
             NetlinkEvent::Removed {
                 ifindex: 7,
@@ -871,10 +868,6 @@ mod tests {
             LinkKind::Overlay("hsr".into()),
             LinkKind::Overlay("batadv".into()),
             LinkKind::Overlay("openvswitch".into()),
-            LinkKind::Tun {
-                tap: Some(true),
-                vnet_hdr: Some(false),
-            },
             LinkKind::Other("mystery".into()),
         ] {
             let m = model(vec![

@@ -98,44 +98,81 @@ fn a_veth_whose_peer_is_on_a_bridge_with_a_vxlan_port_is_a_hazard() -> Result<()
     Ok(())
 }
 
-/// A tap opened the way a VPN (`vnet_hdr` false) or QEMU (true) opens one, in namespace `ns`;
-/// it has carrier while the returned fd is open.
-fn open_tap(ns: &NetNs, name: &str, vnet_hdr: bool) -> Result<OwnedFd> {
+/// A tap in namespace `ns`, opened without virtio-net headers (as OpenVPN does, and QEMU for an
+/// e1000 NIC) and held by a process named `holder` (a `sleep` under that name); it has carrier
+/// while that process runs. Killed on drop.
+struct HeldTap {
+    child: std::process::Child,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for HeldTap {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn held_tap(ns: &NetNs, name: &str, holder: &str) -> Result<HeldTap> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
     const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
     const IFF_TAP: i16 = 0x0002;
     const IFF_NO_PI: i16 = 0x1000;
-    const IFF_VNET_HDR: i16 = 0x4000;
-    let name = name.to_owned();
-    netlab::in_netns(&ns.name, move || {
+    let tap_name = name.to_owned();
+    let fd: OwnedFd = netlab::in_netns(&ns.name, move || {
         // SAFETY: plain syscalls; the fd is owned right away; the buffer has ifreq's size.
         let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
         anyhow::ensure!(fd >= 0, "/dev/net/tun: {}", std::io::Error::last_os_error());
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut req = [0u8; 40];
-        req[..name.len()].copy_from_slice(name.as_bytes());
-        let flags = IFF_TAP | IFF_NO_PI | if vnet_hdr { IFF_VNET_HDR } else { 0 };
-        req[16..18].copy_from_slice(&flags.to_ne_bytes());
-        let r = unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(&fd),
-                TUNSETIFF,
-                req.as_mut_ptr(),
-            )
-        };
+        req[..tap_name.len()].copy_from_slice(tap_name.as_bytes());
+        req[16..18].copy_from_slice(&(IFF_TAP | IFF_NO_PI).to_ne_bytes());
+        let r = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, req.as_mut_ptr()) };
         anyhow::ensure!(r == 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
         Ok(fd)
     })
-    .context("opening a tap")
+    .context("opening a tap")?;
+    let dir = std::env::temp_dir().join(format!("{}-{name}", ns.name));
+    std::fs::create_dir_all(&dir)?;
+    let exe = dir.join(holder);
+    let sleep = which_sleep()?;
+    let _ = std::fs::remove_file(&exe);
+    std::os::unix::fs::symlink(sleep, &exe)?;
+    let raw = fd.as_raw_fd();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.arg("600");
+    // SAFETY: dup2 and fcntl are async-signal-safe; they give the child the tap as fd 3,
+    // kept across exec (dup2 onto itself would keep CLOEXEC, hence the fcntl).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 || libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the tap's holder")?;
+    drop(fd);
+    Ok(HeldTap { child, dir })
+}
+
+fn which_sleep() -> Result<std::path::PathBuf> {
+    ["/usr/bin/sleep", "/bin/sleep"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.exists())
+        .context("no sleep binary")
 }
 
 #[test]
-fn a_vpn_style_tap_is_a_hazard_and_a_vm_tap_is_not() -> Result<()> {
-    if skip_unless_root("a_vpn_style_tap_is_a_hazard_and_a_vm_tap_is_not") {
+fn a_vpn_held_tap_is_a_hazard_and_a_vm_held_tap_is_not() -> Result<()> {
+    if skip_unless_root("a_vpn_held_tap_is_a_hazard_and_a_vm_held_tap_is_not") {
         return Ok(());
     }
     let lab = VmLab::new(PREFIX, "taphz", 1)?;
-    let _vm = open_tap(&lab.host, "tapvm", true)?;
-    let _vpn = open_tap(&lab.host, "tapvpn", false)?;
+    // A VM with an e1000 NIC: no virtio-net headers, held by QEMU.
+    let _vm = held_tap(&lab.host, "tapvm", "qemu-system-x86_64")?;
     lab.host.ip_batch(&[
         "link set tapvm master br0".to_owned(),
         "link set tapvm up".to_owned(),
@@ -145,7 +182,8 @@ fn a_vpn_style_tap_is_a_hazard_and_a_vm_tap_is_not() -> Result<()> {
     lab.wait_until("STP off", HEAL, |lab| {
         Ok((lab.stp_state()? != 0).then(|| "STP still on".to_owned()))
     })?;
-    // A VPN's tap joins: the agent turned STP off, so it turns it back on.
+    // OpenVPN in tap mode joins: the agent turned STP off, so it turns it back on.
+    let _vpn = held_tap(&lab.host, "tapvpn", "openvpn")?;
     lab.host.ip_batch(&[
         "link set tapvpn master br0".to_owned(),
         "link set tapvpn up".to_owned(),
@@ -154,7 +192,7 @@ fn a_vpn_style_tap_is_a_hazard_and_a_vm_tap_is_not() -> Result<()> {
         l.contains("repaired: turn STP back on on br0")
     })?;
     let status = agent.wait_status("the refusal", HEAL, |s| {
-        refusals(s).contains("tapvpn is a TAP device opened without virtio-net headers")
+        refusals(s).contains("tapvpn is a TAP device held by openvpn[")
     })?;
     assert!(!refusals(&status).contains("tapvm"), "{status:#}");
     Ok(())

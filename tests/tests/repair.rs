@@ -256,9 +256,9 @@ fn fix_repairs_once_and_exits() -> anyhow::Result<()> {
     // vnet1 was detached before fix ran: libvirt's live XML says it belongs to br0 (a name
     // pattern alone never makes a port a member).
     let libvirt = std::env::temp_dir().join(format!("{}-libvirt", lab.host.name));
-    std::fs::create_dir_all(&libvirt)?;
+    std::fs::create_dir_all(libvirt.join("qemu"))?;
     std::fs::write(
-        libvirt.join("guest.xml"),
+        libvirt.join("qemu/guest.xml"),
         "<domstatus><domain><devices><interface type='bridge'><source bridge='br0'/>\
          <target dev='vnet1'/></interface></devices></domain></domstatus>",
     )?;

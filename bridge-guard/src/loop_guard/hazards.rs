@@ -12,9 +12,9 @@ use crate::{
     sources::netlink::{LinkKind, LinkSnapshot},
 };
 
-/// What was found where a port leads in another network namespace (`peers`): per port
-/// ifindex, `Some(why)` for a hazard, `None` for safe. A port that leads elsewhere and has no
-/// entry has not been looked at, which counts as a hazard.
+/// What was found where a port leads in another network namespace (`peers`), or who holds a
+/// tap (`taps`): per port ifindex, `Some(why)` for a hazard, `None` for safe. A port that
+/// needs a look and has no entry has not been looked at, which counts as a hazard.
 pub type Remote = BTreeMap<u32, Option<String>>;
 
 /// How deep stacked devices are followed (vlan on macvlan on veth…).
@@ -37,19 +37,6 @@ pub fn kind_hazard(link: &LinkSnapshot) -> Option<String> {
         LinkKind::Other(kind) => Some(format!(
             "{name} is a {kind} device, a kind bridge-guard does not know: it may leave the host"
         )),
-        // A tap without carrier has nobody on its other end: nothing flows until someone
-        // opens it, and that change is judged again when it comes.
-        LinkKind::Tun { tap, vnet_hdr } if link.carrier => match (tap, vnet_hdr) {
-            (Some(true), Some(true)) | (Some(false), _) => None,
-            (Some(true), Some(false)) => Some(format!(
-                "{name} is a TAP device opened without virtio-net headers, as VPNs (OpenVPN, \
-                 tinc, ZeroTier) open theirs; VM monitors (QEMU, Firecracker, cloud-hypervisor) \
-                 open taps with them"
-            )),
-            _ => Some(format!(
-                "{name} is a tun/tap device whose mode the kernel does not report: it may be a VPN"
-            )),
-        },
         LinkKind::Bridge
         | LinkKind::Veth
         | LinkKind::Tun { .. }
@@ -82,6 +69,12 @@ fn hazard_at(link: &LinkSnapshot, model: &Model, remote: &Remote, depth: u8) -> 
     }
     match &link.kind {
         LinkKind::Veth => veth_hazard(link, model, remote),
+        // Who holds a tap open tells a VPN's from a VM's (`taps`); a tap with virtio-net
+        // headers is a VM's, and one without carrier carries nothing (judged again when it
+        // gets carrier).
+        LinkKind::Tun { vnet_hdr, .. } if link.carrier && *vnet_hdr != Some(true) => {
+            remote_hazard(link, remote, "the holder")
+        }
         LinkKind::Stacked(kind) => {
             if link.link_netnsid.is_some() {
                 return remote_hazard(link, remote, "its lower device");
@@ -185,6 +178,10 @@ mod tests {
         }
         for safe in [
             LinkKind::Veth,
+            LinkKind::Tun {
+                tap: Some(true),
+                vnet_hdr: Some(false),
+            },
             LinkKind::Local("dummy".into()),
             LinkKind::Stacked("macvlan".into()),
         ] {
@@ -197,22 +194,45 @@ mod tests {
     }
 
     #[test]
-    fn a_tap_is_judged_by_how_it_was_opened() {
-        let tap = |tap, vnet_hdr, carrier| {
-            let mut l = link(5, "tap0", LinkKind::Tun { tap, vnet_hdr }, Some(7));
+    fn a_tap_is_judged_by_who_holds_it() {
+        let m = model(vec![link(7, "br0", LinkKind::Bridge, None)]);
+        let tap = |vnet_hdr, carrier| {
+            let mut l = link(
+                5,
+                "tap0",
+                LinkKind::Tun {
+                    tap: Some(true),
+                    vnet_hdr,
+                },
+                Some(7),
+            );
             l.carrier = carrier;
-            kind_hazard(&l)
+            l
         };
-        assert_eq!(tap(Some(true), Some(true), true), None, "a VM's tap");
-        assert!(tap(Some(true), Some(false), true).is_some_and(|h| h.contains("VPN")));
+        let none = Remote::new();
         assert_eq!(
-            tap(Some(true), Some(false), false),
+            port_hazard(&tap(Some(true), true), &m, &none),
             None,
-            "nobody has it open yet"
+            "virtio: a VM's"
+        );
+        assert_eq!(
+            port_hazard(&tap(Some(false), false), &m, &none),
+            None,
+            "nobody holds it"
         );
         assert!(
-            tap(None, None, true).is_some(),
-            "undecoded counts as a hazard"
+            port_hazard(&tap(Some(false), true), &m, &none)
+                .is_some_and(|h| h.contains("not checked yet")),
+            "not looked at yet: a hazard"
+        );
+        let vpn = Remote::from([(
+            5,
+            Some("tap0 is a TAP device held by openvpn[9]".to_owned()),
+        )]);
+        assert!(port_hazard(&tap(None, true), &m, &vpn).is_some_and(|h| h.contains("openvpn")));
+        assert_eq!(
+            port_hazard(&tap(Some(false), true), &m, &Remote::from([(5, None)])),
+            None
         );
     }
 

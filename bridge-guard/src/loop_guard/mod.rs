@@ -26,6 +26,7 @@ pub mod holds;
 pub mod peers;
 pub mod socket;
 pub mod stp;
+pub mod taps;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -47,7 +48,7 @@ use crate::{
     planner::{Action, Context, Guard},
     sources::{
         ebpf::{Probes, hooks::Tier},
-        netlink::{self, LinkSnapshot},
+        netlink::{self, LinkKind, LinkSnapshot},
     },
     status,
     sys::clock::monotonic_ns,
@@ -65,6 +66,11 @@ enum Lookup {
     Peer {
         ifindex: u32,
         key: (i32, u32),
+        verdict: Option<String>,
+    },
+    /// Who holds a tap: `Some(why)` when a VPN does (`taps`).
+    Tap {
+        ifindex: u32,
         verdict: Option<String>,
     },
     /// A blocking port's fresh snapshot, with its STP fields (`None`: gone, or no answer).
@@ -101,6 +107,8 @@ pub struct LoopGuard {
     /// Per bridge ifindex: when its next periodic probe round is due.
     next_round: BTreeMap<u32, Ktime>,
     peers: peers::Peers,
+    /// Per tap ifindex: who holds it, when that was looked up (`taps`).
+    taps: BTreeMap<u32, Option<String>>,
     /// Per bridge ifindex: ports the kernel lists that netlink could not decode.
     undecoded: BTreeMap<u32, Vec<u32>>,
     /// Per blocking port ifindex: when its STP fields were last fetched.
@@ -171,6 +179,7 @@ impl LoopGuard {
             last: BTreeMap::new(),
             next_round: BTreeMap::new(),
             peers: peers::Peers::default(),
+            taps: BTreeMap::new(),
             undecoded: BTreeMap::new(),
             stp_checked: BTreeMap::new(),
             stp_off_by_us: BTreeSet::new(),
@@ -325,6 +334,13 @@ impl LoopGuard {
                 self.looking.remove(&ifindex);
                 self.peers.insert(ifindex, key, verdict);
             }
+            Lookup::Tap { ifindex, verdict } => {
+                self.looking.remove(&ifindex);
+                if let Some(why) = &verdict {
+                    tracing::debug!(ifindex, "{why}");
+                }
+                self.taps.insert(ifindex, verdict);
+            }
             Lookup::Stp { ifindex, fresh } => {
                 self.looking.remove(&ifindex);
                 self.fresh.extend(fresh);
@@ -365,6 +381,28 @@ impl LoopGuard {
                     key,
                     verdict,
                 }
+            }));
+        }
+        // Taps with carrier and without virtio-net headers: who holds them (/proc, off the
+        // event loop's thread).
+        self.taps.retain(|i, _| model.link(*i).is_some());
+        let taps: Vec<(u32, String)> = self
+            .judged(model)
+            .filter(|p| {
+                matches!(p.kind, LinkKind::Tun { vnet_hdr, .. } if vnet_hdr != Some(true))
+                    && p.carrier
+                    && !self.taps.contains_key(&p.ifindex)
+                    && !self.looking.contains(&p.ifindex)
+            })
+            .map(|p| (p.ifindex, p.name.clone()))
+            .collect();
+        for (ifindex, name) in taps {
+            self.looking.insert(ifindex);
+            self.lookups.push(Box::pin(async move {
+                let verdict = tokio::task::spawn_blocking(move || taps::vpn_holder(&name))
+                    .await
+                    .unwrap_or_else(|e| Some(format!("cannot tell who holds the tap: {e}")));
+                Lookup::Tap { ifindex, verdict }
             }));
         }
         let blocking: Vec<(u32, Ktime)> = self
@@ -754,7 +792,12 @@ impl LoopGuard {
     pub fn context(&self, model: &Model) -> Context {
         let mut ctx = Context {
             stp_off_by_us: self.stp_off_by_us.clone(),
-            remote: self.peers.remote(),
+            remote: self
+                .peers
+                .remote()
+                .into_iter()
+                .chain(self.taps.iter().map(|(i, v)| (*i, v.clone())))
+                .collect(),
             undecoded: self.undecoded.clone(),
             looking: self.looking.clone(),
             ..Context::default()
