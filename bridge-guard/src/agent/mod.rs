@@ -305,7 +305,11 @@ impl Agent {
                 .collect();
         }
         self.record_transitions(&transitions);
-        let found = self.loops.resync(&self.netlink.handle, &self.model).await;
+        let full = matches!(reason, "start" | "periodic");
+        let found = self
+            .loops
+            .resync(&self.netlink.handle, &self.model, full)
+            .await;
         self.account_loops(&found);
         self.acc().on_resync(reason);
         tracing::debug!(reason, "resynced from a dump");

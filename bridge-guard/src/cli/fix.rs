@@ -62,7 +62,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     // Judged as the agent judges: hazards beyond this namespace too, ports kernel STP blocks for
     // a loop keep STP on, and one probe round (milliseconds) before any port is forced.
     let mut loops = LoopGuard::new(&guards, None, args.dry_run, nl.handle.clone());
-    loops.resync(&nl.handle, &model).await;
+    loops.resync(&nl.handle, &model, true).await;
     loops.finish_lookups().await;
     for l in loops.take_fresh() {
         model.apply_netlink(netlink::NetlinkEvent::Link(l), monotonic_ns());

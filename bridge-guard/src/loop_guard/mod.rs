@@ -761,7 +761,11 @@ impl LoopGuard {
     /// A full reconcile: looks beyond this namespace again, and lists the ports netlink could
     /// not decode. The first time, also probes every port and waits for the round (20 ms), so
     /// that the first repair pass already knows which ports may be forced.
-    pub async fn resync(&mut self, handle: &Handle, model: &Model) -> Vec<Detection> {
+    ///
+    /// `full`: also look beyond the namespace again and list undecodable ports (the start and
+    /// the periodic reconcile); a resync after lost notifications skips that, so that a churn
+    /// of links is not slowed further by it.
+    pub async fn resync(&mut self, handle: &Handle, model: &Model, full: bool) -> Vec<Detection> {
         let mut detections = Vec::new();
         if !self.started {
             self.started = true;
@@ -771,19 +775,31 @@ impl LoopGuard {
                 detections.extend(self.update(model, monotonic_ns()));
             }
         }
+        if !full {
+            return detections;
+        }
         let judged = self.judged(model).cloned().collect();
         self.peers.refresh_all(handle, judged).await;
         let guarded: BTreeSet<u32> = self.bridges(model).iter().map(|(b, _)| b.ifindex).collect();
-        match netlink::bridge_ports(handle).await {
-            Ok(ports) => {
+        let listed = tokio::time::timeout(FETCH_TIMEOUT * 2, netlink::bridge_ports(handle)).await;
+        match listed {
+            Err(_) => tracing::debug!("no AF_BRIDGE port list: no answer"),
+            Ok(Ok(ports)) => {
                 self.undecoded.clear();
                 for (port, bridge) in ports {
-                    if guarded.contains(&bridge) && model.link(port).is_none() {
+                    if !guarded.contains(&bridge) || model.link(port).is_some() {
+                        continue;
+                    }
+                    // Not in the link dump: made since (its notification is on its way), gone
+                    // since, or really undecodable; only a second, targeted request tells.
+                    let asked =
+                        tokio::time::timeout(FETCH_TIMEOUT, netlink::undecodable(handle, port));
+                    if asked.await.unwrap_or(false) {
                         self.undecoded.entry(bridge).or_default().push(port);
                     }
                 }
             }
-            Err(e) => tracing::debug!("no AF_BRIDGE port list: {}", crate::error_chain(&e)),
+            Ok(Err(e)) => tracing::debug!("no AF_BRIDGE port list: {}", crate::error_chain(&e)),
         }
         detections
     }

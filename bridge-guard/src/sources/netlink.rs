@@ -595,6 +595,17 @@ pub async fn bridge_ports(handle: &Handle) -> Result<Vec<(u32, u32)>, NetlinkErr
         .map_err(NetlinkError::Dump)
 }
 
+/// Whether link `ifindex` exists but its message cannot be decoded: the request is answered
+/// (no error) yet no message comes through, because the codec dropped it. Gone or decodable:
+/// `false`.
+pub async fn undecodable(handle: &Handle, ifindex: u32) -> bool {
+    let mut answers = handle.link().get().match_index(ifindex).execute();
+    match answers.try_next().await {
+        Ok(Some(_)) | Err(_) => false,
+        Ok(None) => true,
+    }
+}
+
 /// One link, fresh from the kernel: in this namespace (`netnsid` `None`) or in the namespace
 /// this one knows by `netnsid` (`IFLA_TARGET_NETNSID`, Linux 4.20+). `None` if it is gone.
 pub async fn link_in(
