@@ -66,9 +66,15 @@ pub enum AgentError {
     Ring(#[source] std::io::Error),
 }
 
+/// Which source's news a repair was planned on, for its log line: `ebpf` when the wake-up
+/// held eBPF events (applied first), else `netlink`, else `resync` (a dump) or `timer` (a
+/// backoff or confirmation deadline).
+type Trigger = &'static str;
+
 struct Pending {
     action: Action,
     issued: Ktime,
+    trigger: Trigger,
     /// What was wrong, for the log line when it is confirmed.
     fault: String,
     outage_since: Option<Ktime>,
@@ -204,7 +210,7 @@ impl Agent {
             self.model.remember(&bridge, &port);
         }
         self.record_transitions(&transitions);
-        self.reconcile(monotonic_ns()).await;
+        self.reconcile(monotonic_ns(), "resync").await;
         Ok(())
     }
 
@@ -296,6 +302,11 @@ impl Agent {
             while let Ok((msg, _)) = self.netlink.notifications.try_recv() {
                 notices.extend(netlink::decode(&msg));
             }
+            let trigger = match (batch.is_empty(), notices.is_empty()) {
+                (false, _) => "ebpf",
+                (true, false) => "netlink",
+                (true, true) => "timer",
+            };
             if !batch.is_empty() {
                 *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
                 // Events the kernel could not queue mean the model may have missed a change.
@@ -331,7 +342,7 @@ impl Agent {
                 tracing::warn!("netlink notifications were lost (ENOBUFS): resyncing from a dump");
                 self.resync().await?;
             }
-            self.reconcile(woke).await;
+            self.reconcile(woke, trigger).await;
             // Publishing (state file, textfile) waits a little and coalesces: it must never
             // sit between a fault's notifications and their repair.
             if self.dirty && publish_at.is_none() {
@@ -511,13 +522,13 @@ impl Agent {
     }
 
     /// Plans and applies the repairs the model calls for.
-    async fn reconcile(&mut self, woke: Ktime) {
-        self.repair(woke).await;
+    async fn reconcile(&mut self, woke: Ktime, trigger: Trigger) {
+        self.repair(woke, trigger).await;
         self.flush_transitions();
     }
 
     /// `woke`: when the agent heard of what it now repairs; repair latency counts from there.
-    async fn repair(&mut self, woke: Ktime) {
+    async fn repair(&mut self, woke: Ktime, trigger: Trigger) {
         let now = monotonic_ns();
         self.confirm(now);
         {
@@ -609,6 +620,7 @@ impl Agent {
                         Pending {
                             action,
                             issued,
+                            trigger,
                             fault,
                             outage_since,
                         },
@@ -645,6 +657,7 @@ impl Agent {
                     bridge = p.action.bridge(),
                     action = p.action.kind(),
                     latency_us = now.saturating_sub(p.issued) / 1000,
+                    trigger = p.trigger,
                     "repaired: {}: {}{outage}",
                     p.action,
                     p.fault

@@ -27,6 +27,7 @@ const PROGRESS: &str = "vmtest-guest: ";
 /// this catches a binary that hangs outside them).
 const DOCTOR_SECS: u32 = 300;
 const TEST_BINARY_SECS: u32 = 900;
+const STORM_SECS: u32 = 900;
 const GUEST_MEMORY: &str = "2G";
 /// Host directories the guest gets a private writable overlay of, beyond virtme-ng's own
 /// (/etc, /usr, /var, /tmp, ...): the shared root is read-only, and nix in the guest tries to
@@ -39,10 +40,55 @@ pub struct TestBin {
     pub path: PathBuf,
 }
 
-/// What runs in the guest: the agent and the test binaries, all built on the host.
+/// What runs in the guest: the agent, the test binaries and xtask (for the fault storm), all
+/// built on the host.
 pub struct Build {
     pub agent: PathBuf,
+    pub xtask: PathBuf,
     pub tests: Vec<TestBin>,
+}
+
+/// Test binaries that do not run in the guests, and why: they need what only the host has, and
+/// would only slow the guests (TCG) down to skip there.
+pub const HOST_ONLY: &[(&str, &str)] = &[
+    (
+        "libvirt",
+        "runs libvirtd with its own qemu guests: nested TCG inside a TCG guest; the host \
+         covers it",
+    ),
+    (
+        "systemd",
+        "boots systemd as PID 1 in a guest of its own; the host covers it",
+    ),
+];
+
+/// Requirements (`integration_tests::Need`) every guest meets, so a test that skips on one of
+/// them fails there: root, the tools `cargo xtask test` installs (the guest shares the host's
+/// root filesystem), bridge as a module, and a kprobe-or-better tier for every hook. Each
+/// series adds its own (`kernel::Series::expect`).
+const GUEST_EXPECT: &[&str] = &[
+    "root",
+    "tool-*",
+    "bridge-module",
+    "kprobe-port-state",
+    "kprobe-join",
+    "kprobe-leave",
+    "kprobe-stp",
+];
+
+/// `BRIDGE_GUARD_EXPECT` for `k`'s guest.
+pub fn expectations(k: &Kernel) -> String {
+    GUEST_EXPECT
+        .iter()
+        .chain(k.series.expect)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `bin` runs in the guests (see [`HOST_ONLY`]).
+pub fn runs_in_guest(bin: &TestBin) -> bool {
+    !HOST_ONLY.iter().any(|(name, _)| *name == bin.name)
 }
 
 /// How the VM ended, seen from the host.
@@ -63,7 +109,7 @@ fn quote_path(p: &Path) -> String {
 
 /// The guest script. Every step leaves `<step>.log` and `<step>.rc` in `out`; `booted` comes
 /// first and `done` last, so the host can tell "never booted" from "died half-way".
-pub fn script(out: &Path, build: &Build, filter: Option<&str>) -> String {
+pub fn script(out: &Path, k: &Kernel, build: &Build, opts: &super::Options) -> String {
     let mut s = String::new();
     let agent = quote_path(&build.agent);
     let _ = write!(
@@ -75,7 +121,7 @@ out={out}
 note() {{ echo "{PROGRESS}$*"; }}
 note "booted $(uname -r)"
 uname -r > "$out/booted"
-export NO_COLOR=1 BRIDGE_GUARD_BIN={agent}
+export NO_COLOR=1 BRIDGE_GUARD_BIN={agent} BRIDGE_GUARD_ENV={env} BRIDGE_GUARD_EXPECT={expect}
 note "modprobe bridge"
 modprobe bridge > "$out/modprobe.log" 2>&1; echo $? > "$out/modprobe.rc"
 # tun is a module here and nothing made /dev/net/tun (a distribution boot creates it with
@@ -90,11 +136,15 @@ timeout -k 10 {DOCTOR_SECS} {agent} doctor --json > "$out/doctor.json" 2> "$out/
 echo $? > "$out/doctor-json.rc"
 "#,
         out = quote_path(out),
+        env = sh_quote(&k.release),
+        expect = sh_quote(&expectations(k)),
     );
-    let filter = filter
+    let filter = opts
+        .filter
+        .as_deref()
         .map(|f| format!(" {}", sh_quote(f)))
         .unwrap_or_default();
-    for t in &build.tests {
+    for t in build.tests.iter().filter(|t| runs_in_guest(t)) {
         let name = &t.name;
         let _ = write!(
             s,
@@ -104,6 +154,17 @@ echo $? > "$out/test-{name}.rc"
 note "{name}: $(grep '^test result' "$out/test-{name}.log" || echo "exit $(cat "$out/test-{name}.rc")")"
 "#,
             bin = quote_path(&t.path),
+        );
+    }
+    if opts.storm {
+        let _ = write!(
+            s,
+            r#"note "fault storm, with eBPF and with --no-ebpf"
+timeout -k 10 {STORM_SECS} {xtask} vmtest-storm --agent {agent} --out "$out/storm.json" > "$out/storm.log" 2>&1
+echo $? > "$out/storm.rc"
+note "storm: $(tail -n 1 "$out/storm.log")"
+"#,
+            xtask = quote_path(&build.xtask),
         );
     }
     s.push_str("touch \"$out/done\"\nnote done\n");

@@ -73,9 +73,11 @@ pub struct KernelFacts {
 
 impl KernelFacts {
     pub fn gather(opts: &Options) -> (Self, Option<Btf>) {
-        let memlock = caps::raise_memlock();
-        if let caps::Memlock::Kept { .. } = &memlock {
+        let memlock = caps::ensure_memlock();
+        if memlock.is_problem() {
             tracing::warn!("RLIMIT_MEMLOCK {memlock}");
+        } else {
+            tracing::info!("RLIMIT_MEMLOCK {memlock}");
         }
         let (offsets, offsets_error) = match offsets::resolve(&opts.btf_dir) {
             Ok(resolved) => {
