@@ -658,6 +658,7 @@ impl Agent {
                     action = p.action.kind(),
                     latency_us = now.saturating_sub(p.issued) / 1000,
                     trigger = p.trigger,
+                    issued_ns = p.issued,
                     "repaired: {}: {}{outage}",
                     p.action,
                     p.fault

@@ -9,7 +9,7 @@ use std::{
 };
 
 use integration_tests::{
-    Agent, PREFIX, TALK, VmLab, VmLabChecks as _, agent_bin, skip_unless_root,
+    Agent, Need, PREFIX, TALK, VmLab, VmLabChecks as _, agent_bin, skip, skip_unless_root,
 };
 
 const HEAL: Duration = Duration::from_secs(20);
@@ -338,8 +338,10 @@ fn the_systemd_unit_verifies_clean() -> anyhow::Result<()> {
         assert!(unit.contains(want), "unit lacks {want}");
     }
     let Ok(analyze) = which("systemd-analyze") else {
-        eprintln!(
-            "SKIP the_systemd_unit_verifies_clean: no systemd-analyze (cargo xtask test installs it)"
+        skip(
+            "the_systemd_unit_verifies_clean",
+            Need::Tool("systemd-analyze"),
+            "no systemd-analyze (cargo xtask test installs it)",
         );
         return Ok(());
     };
@@ -356,8 +358,10 @@ fn the_systemd_unit_verifies_clean() -> anyhow::Result<()> {
 #[test]
 fn the_nixos_module_and_package_parse() -> anyhow::Result<()> {
     let Ok(nix) = which("nix-instantiate") else {
-        eprintln!(
-            "SKIP the_nixos_module_and_package_parse: no nix-instantiate (cargo xtask test installs nix-bin)"
+        skip(
+            "the_nixos_module_and_package_parse",
+            Need::Tool("nix-instantiate"),
+            "no nix-instantiate (cargo xtask test installs nix-bin)",
         );
         return Ok(());
     };

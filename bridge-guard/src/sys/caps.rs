@@ -106,7 +106,10 @@ impl fmt::Display for Memlock {
             Self::Untested {
                 probe,
                 raised: Ok(()),
-            } => write!(f, "raised to unlimited, untested (the trial map failed: {probe})"),
+            } => write!(
+                f,
+                "raised to unlimited, untested (the trial map failed: {probe})"
+            ),
             Self::Untested {
                 probe,
                 raised: Err(e),
@@ -167,7 +170,7 @@ fn trial_map() -> std::io::Result<()> {
             libc::SYS_bpf,
             BPF_MAP_CREATE,
             &raw const attr,
-            std::mem::size_of::<MapCreate>(),
+            size_of::<MapCreate>(),
         )
     };
     if fd < 0 {
@@ -267,7 +270,11 @@ mod tests {
         let raised = Memlock::Raised {
             was: Limit(64 * 1024),
         };
-        assert!(raised.to_string().starts_with("raised from 64 KiB to unlimited"));
+        assert!(
+            raised
+                .to_string()
+                .starts_with("raised from 64 KiB to unlimited")
+        );
         assert!(!raised.is_problem());
         let kept = Memlock::Kept {
             limit: Limit(libc::RLIM_INFINITY),

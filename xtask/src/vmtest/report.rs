@@ -301,10 +301,7 @@ pub fn print_kernel(r: &KernelReport) {
     for t in &r.tests {
         println!("| {} | {} |", t.name, t.status.as_str());
     }
-    print!(
-        "\n{}",
-        skips::tally(&k.release, &r.expect, &r.skips)
-    );
+    print!("\n{}", skips::tally(&k.release, &r.expect, &r.skips));
     for (bin, why) in guest::HOST_ONLY {
         println!("  not run in the guests: {bin} ({why})");
     }

@@ -102,17 +102,29 @@ pub struct FaultResult {
     pub fault: String,
     /// Per injection; `None`: not healed within the timeout, or never seen.
     pub outages_ns: Vec<Option<u64>>,
+    /// Per injection, from the fault to the agent's first repair request (its `issued_ns`);
+    /// `None`: no repair logged.
+    #[serde(default)]
+    pub reactions_ns: Vec<Option<u64>>,
     /// Repairs logged during the measurements, by their `trigger`.
     pub triggers: BTreeMap<String, u64>,
     /// Whether every hook of [`hooks_of`] attached (so eBPF reports this fault first).
     pub ebpf_first: bool,
 }
 
+fn median(v: &[Option<u64>]) -> Option<u64> {
+    let mut some: Vec<u64> = v.iter().flatten().copied().collect();
+    some.sort_unstable();
+    stats::percentile(&some, 50.0)
+}
+
 impl FaultResult {
     fn median_ns(&self) -> Option<u64> {
-        let mut healed: Vec<u64> = self.outages_ns.iter().flatten().copied().collect();
-        healed.sort_unstable();
-        stats::percentile(&healed, 50.0)
+        median(&self.outages_ns)
+    }
+
+    fn median_reaction_ns(&self) -> Option<u64> {
+        median(&self.reactions_ns)
     }
 
     fn repairs(&self) -> u64 {
@@ -222,6 +234,19 @@ fn count_triggers(lines: &[String], into: &mut BTreeMap<String, u64>) {
     }
 }
 
+/// The earliest repair request among `lines` after `t0` (CLOCK_MONOTONIC, as the agent's
+/// `issued_ns`), as a delay from `t0`.
+fn first_issued(lines: &[String], t0: u64) -> Option<u64> {
+    log_values(lines)
+        .filter(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("repaired:"))
+        })
+        .filter_map(|v| v["issued_ns"].as_u64()?.checked_sub(t0))
+        .min()
+}
+
 /// `(transitions, with a named actor)` among `lines`.
 fn count_actors(lines: &[String]) -> (u64, u64) {
     let mut total = 0;
@@ -239,7 +264,8 @@ fn progress(line: &str) {
     eprintln!("storm: {line}");
 }
 
-/// One mode: a fresh lab and agent, `repeat` rounds of [`FAULTS`].
+/// One mode: a fresh lab and agent, `repeat` rounds of [`FAULTS`]. The agent's log is kept
+/// beside `--out` as `storm-agent-<mode>.log`.
 fn run_mode(args: &Args, mode: Mode) -> Result<ModeResult> {
     let mut lab = BenchLab::new("bgs", mode.key(), VMS)?;
     faults::restore(&mut lab, false)?;
@@ -265,7 +291,9 @@ fn run_mode(args: &Args, mode: Mode) -> Result<ModeResult> {
         .collect();
     let mut lines = Vec::new();
     let mut next: Option<Instant> = None;
-    for rep in 0..args.repeat {
+    // Round 0 warms up (binaries and caches over 9p, the agent's first repairs) and is not
+    // counted: it would favour whichever mode runs second.
+    for rep in 0..=args.repeat {
         for (i, &fault) in FAULTS.iter().enumerate() {
             if !obs.healthy() {
                 faults::restore(&mut lab, false)?;
@@ -279,22 +307,25 @@ fn run_mode(args: &Args, mode: Mode) -> Result<ModeResult> {
             let at = faults::inject(&mut lab, &mut obs, fault, rep)?;
             let m = obs.measure(at.t0, timeout, QUIET)?;
             next = Some(injected + SPACING);
-            let r = &mut results[i];
-            count_triggers(&m.guard_lines, &mut r.triggers);
-            lines.extend(m.guard_lines);
             let outage = match m.outcome {
                 Outcome::Healed { outage_ns } => Some(outage_ns),
                 Outcome::NotHealed { .. } | Outcome::NotObserved => None,
             };
-            r.outages_ns.push(outage);
             progress(&format!(
                 "{} {} {}/{}: {}",
                 mode.key(),
                 fault.key(),
-                rep + 1,
+                rep,
                 args.repeat,
                 outage.map_or_else(|| format!("{:?}", m.outcome), stats::human_ns)
             ));
+            if rep > 0 {
+                let r = &mut results[i];
+                count_triggers(&m.guard_lines, &mut r.triggers);
+                r.outages_ns.push(outage);
+                r.reactions_ns.push(first_issued(&m.guard_lines, at.t0));
+            }
+            lines.extend(m.guard_lines);
             if outage.is_none() {
                 faults::restore(&mut lab, false)?;
             }
@@ -303,6 +334,10 @@ fn run_mode(args: &Args, mode: Mode) -> Result<ModeResult> {
     obs.settle(QUIET, Duration::from_secs(15))?;
     lines.extend(obs.drain_guard_lines());
     drop(agent);
+    let log = args
+        .out
+        .with_file_name(format!("storm-agent-{}.log", mode.key()));
+    std::fs::write(&log, lines.join("\n")).with_context(|| format!("writing {}", log.display()))?;
     let (transitions, named) = count_actors(&lines);
     Ok(ModeResult {
         mode,
@@ -375,7 +410,10 @@ fn share(part: u64, whole: u64) -> String {
     if whole == 0 {
         "-".to_owned()
     } else {
-        format!("{:.0}% ({part}/{whole})", 100.0 * part as f64 / whole as f64)
+        format!(
+            "{:.0}% ({part}/{whole})",
+            100.0 * part as f64 / whole as f64
+        )
     }
 }
 
@@ -393,31 +431,32 @@ pub fn table(reports: &[StormReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| kernel | fault | median outage, eBPF | median outage, netlink only | netlink only / eBPF | repairs from eBPF (eBPF run) | triggers, netlink-only run |"
+        "| kernel | fault | repair sent, eBPF | netlink only | netlink / eBPF | outage, eBPF | netlink only | netlink / eBPF | repairs from eBPF (eBPF run) | triggers, netlink-only run |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         let (Some(e), Some(n)) = (r.mode(Mode::Ebpf), r.mode(Mode::NetlinkOnly)) else {
             continue;
         };
         for f in &e.faults {
             let nf = n.fault(&f.fault);
-            let med = |f: Option<&FaultResult>| {
-                f.and_then(FaultResult::median_ns)
-                    .map_or_else(|| "-".to_owned(), stats::human_ns)
+            let cells = |m: fn(&FaultResult) -> Option<u64>| {
+                let (e, n) = (m(f), nf.and_then(m));
+                let show = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), stats::human_ns);
+                let r = match (n, e) {
+                    (Some(a), Some(b)) => ratio(a, b),
+                    _ => "-".to_owned(),
+                };
+                format!("{} | {} | {r}", show(e), show(n))
             };
             let from_ebpf = f.triggers.get("ebpf").copied().unwrap_or(0);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 r.release,
                 f.fault,
-                med(Some(f)),
-                med(nf),
-                match (nf.and_then(FaultResult::median_ns), f.median_ns()) {
-                    (Some(a), Some(b)) => ratio(a, b),
-                    _ => "-".to_owned(),
-                },
+                cells(FaultResult::median_reaction_ns),
+                cells(FaultResult::median_ns),
                 share(from_ebpf, f.repairs()),
                 nf.map(triggers_cell).unwrap_or_default(),
             );
@@ -477,11 +516,9 @@ fn section(reports: &[StormReport], when: &str) -> String {
 /// are absent). Fails on markers out of order.
 fn splice(doc: &str, section: &str) -> Result<String> {
     match (doc.find(BEGIN), doc.find(END)) {
-        (Some(b), Some(e)) if b < e => Ok(format!(
-            "{}{section}{}",
-            &doc[..b],
-            &doc[e + END.len()..]
-        )),
+        (Some(b), Some(e)) if b < e => {
+            Ok(format!("{}{section}{}", &doc[..b], &doc[e + END.len()..]))
+        }
         (None, None) => {
             let sep = if doc.is_empty() || doc.ends_with("\n\n") {
                 ""
@@ -503,8 +540,8 @@ pub fn write_docs(docs: &Path, reports: &[StormReport], when: &str) -> Result<()
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", docs.display())),
     };
-    let new = splice(&doc, &section(reports, when))
-        .with_context(|| format!("in {}", docs.display()))?;
+    let new =
+        splice(&doc, &section(reports, when)).with_context(|| format!("in {}", docs.display()))?;
     std::fs::write(docs, new).with_context(|| format!("writing {}", docs.display()))
 }
 
@@ -516,6 +553,7 @@ mod tests {
         let fault = |key: &str, outages: &[u64], trig: &[(&str, u64)], first: bool| FaultResult {
             fault: key.to_owned(),
             outages_ns: outages.iter().map(|&o| Some(o)).collect(),
+            reactions_ns: outages.iter().map(|&o| Some(o / 2)).collect(),
             triggers: trig.iter().map(|(t, n)| ((*t).to_owned(), *n)).collect(),
             ebpf_first: first,
         };
@@ -526,14 +564,24 @@ mod tests {
                 ModeResult {
                     mode: Mode::Ebpf,
                     ready: "ready: port-state=kprobe join=fentry leave=fentry stp=kprobe".into(),
-                    faults: vec![fault("detach", &[2, 4, 3], &[("ebpf", 3)], true)],
+                    faults: vec![fault(
+                        "detach",
+                        &[2_000_000, 4_000_000, 3_000_000],
+                        &[("ebpf", 3)],
+                        true,
+                    )],
                     transitions: 10,
                     named: 9,
                 },
                 ModeResult {
                     mode: Mode::NetlinkOnly,
                     ready: "ready: netlink only".into(),
-                    faults: vec![fault("detach", &[9, 6, 12], &[("netlink", 3)], false)],
+                    faults: vec![fault(
+                        "detach",
+                        &[9_000_000, 6_000_000, 12_000_000],
+                        &[("netlink", 3)],
+                        false,
+                    )],
                     transitions: 8,
                     named: 0,
                 },
@@ -546,6 +594,10 @@ mod tests {
         let t = table(&[report()]);
         assert!(t.contains("| 5.10.0-35-amd64 | detach |"), "{t}");
         assert!(t.contains("| 3.0× | 100% (3/3) | netlink 3 |"), "{t}");
+        assert!(
+            t.contains("| 1.50 ms | 4.50 ms | 3.0× | 3.00 ms | 9.00 ms | 3.0× |"),
+            "{t}"
+        );
         assert!(t.contains("| 90% (9/10) | 0% (0/8) |"), "{t}");
         assert!(t.contains("leave=fentry"), "{t}");
         assert!(report().problems().is_empty());
@@ -565,8 +617,8 @@ mod tests {
     #[test]
     fn counts_triggers_and_actors_from_json_logs() {
         let lines: Vec<String> = [
-            r#"{"message":"repaired: re-attach vnet0 to br0: x","trigger":"ebpf"}"#,
-            r#"{"message":"repaired: turn STP off on br0: y","trigger":"netlink"}"#,
+            r#"{"message":"repaired: re-attach vnet0 to br0: x","trigger":"ebpf","issued_ns":1500}"#,
+            r#"{"message":"repaired: turn STP off on br0: y","trigger":"netlink","issued_ns":1200}"#,
             r#"{"message":"port state","actor":"ip[42]"}"#,
             r#"{"message":"port state","actor":"unknown"}"#,
             "not json",
@@ -579,6 +631,8 @@ mod tests {
         assert_eq!(t.get("ebpf"), Some(&1));
         assert_eq!(t.get("netlink"), Some(&1));
         assert_eq!(count_actors(&lines), (2, 1));
+        assert_eq!(first_issued(&lines, 1000), Some(200));
+        assert_eq!(first_issued(&lines, 2000), None);
     }
 
     #[test]
