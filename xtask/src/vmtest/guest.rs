@@ -130,10 +130,14 @@ modprobe tun > "$out/tun.log" 2>&1; echo $? > "$out/tun.rc"
 # The tests make namespaces with ip netns, which needs a writable /run/netns.
 {{ ip netns add vmtest-probe && ip netns del vmtest-probe; }} > "$out/netns.log" 2>&1
 echo $? > "$out/netns.rc"
+# Steps a previous boot of this guest finished (it was resumed after a kernel panic) are
+# not run again; each step's .rc file is written last.
+if [ ! -e "$out/doctor-json.rc" ]; then
 note "bridge-guard doctor"
 timeout -k 10 {DOCTOR_SECS} {agent} doctor > "$out/doctor.log" 2>&1; echo $? > "$out/doctor.rc"
 timeout -k 10 {DOCTOR_SECS} {agent} doctor --json > "$out/doctor.json" 2> "$out/doctor-json.log"
 echo $? > "$out/doctor-json.rc"
+fi
 "#,
         out = quote_path(out),
         env = sh_quote(&k.release),
@@ -148,10 +152,12 @@ echo $? > "$out/doctor-json.rc"
         let name = &t.name;
         let _ = write!(
             s,
-            r#"note "test binary {name}"
+            r#"if [ ! -e "$out/test-{name}.rc" ]; then
+note "test binary {name}"
 timeout -k 10 {TEST_BINARY_SECS} {bin}{filter} --show-output > "$out/test-{name}.log" 2>&1
 echo $? > "$out/test-{name}.rc"
 note "{name}: $(grep '^test result' "$out/test-{name}.log" || echo "exit $(cat "$out/test-{name}.rc")")"
+fi
 "#,
             bin = quote_path(&t.path),
         );
@@ -159,10 +165,12 @@ note "{name}: $(grep '^test result' "$out/test-{name}.log" || echo "exit $(cat "
     if opts.storm {
         let _ = write!(
             s,
-            r#"note "fault storm, with eBPF and with --no-ebpf"
+            r#"if [ ! -e "$out/storm.rc" ]; then
+note "fault storm, with eBPF and with --no-ebpf"
 timeout -k 10 {STORM_SECS} {xtask} vmtest-storm --agent {agent} --out "$out/storm.json" > "$out/storm.log" 2>&1
 echo $? > "$out/storm.rc"
 note "storm: $(tail -n 1 "$out/storm.log")"
+fi
 "#,
             xtask = quote_path(&build.xtask),
         );

@@ -63,6 +63,8 @@ pub struct KernelReport {
     pub expect: String,
     /// The fault storm's results (`None`: not run), or why they are missing.
     pub storm: Option<Result<StormReport, String>>,
+    /// Guest kernel panics the run was resumed after (console excerpts).
+    pub panics: Vec<String>,
 }
 
 impl KernelReport {
@@ -240,7 +242,13 @@ fn storm_result(out: &Path) -> Option<Result<StormReport, String>> {
 }
 
 /// Reads back what the guest left in `out`.
-pub fn collect(kernel: Kernel, out: &Path, bins: &[TestBin], boot: &Boot) -> KernelReport {
+pub fn collect(
+    kernel: Kernel,
+    out: &Path,
+    bins: &[TestBin],
+    boot: &Boot,
+    panics: Vec<String>,
+) -> KernelReport {
     let booted = read(out, "booted").is_some();
     let mut doctor = read(out, "doctor.log").unwrap_or_else(|| "(doctor did not run)".into());
     if let Some(rc) = exit_code(out, "doctor").filter(|rc| rc != "0") {
@@ -264,6 +272,7 @@ pub fn collect(kernel: Kernel, out: &Path, bins: &[TestBin], boot: &Boot) -> Ker
         skips: skips::collect(&logs),
         expect: guest::expectations(&kernel),
         storm,
+        panics,
         problems: problems(out, boot),
         kernel,
         out: out.to_path_buf(),
@@ -288,6 +297,12 @@ pub fn print_kernel(r: &KernelReport) {
     println!("logs: {}", r.out.display());
     for p in &r.problems {
         println!("PROBLEM: {p}");
+    }
+    for p in &r.panics {
+        println!(
+            "WARNING: the guest kernel panicked; the run was resumed in a new boot after the \
+             steps it had finished. Console:\n```\n{p}\n```"
+        );
     }
     if !r.booted {
         return;
@@ -329,12 +344,12 @@ pub fn print_summary(reports: &[KernelReport], total: Duration) {
         total.as_secs_f64()
     );
     println!(
-        "| kernel | booted | time | hook tiers | passed | failed | ignored | skipped (by requirement) | problems |"
+        "| kernel | booted | time | hook tiers | passed | failed | ignored | skipped (by requirement) | problems | guest panics resumed |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         println!(
-            "| {} | {} | {:.1} s | {} | {} | {} | {} | {} ({}) | {} |",
+            "| {} | {} | {:.1} s | {} | {} | {} | {} | {} ({}) | {} | {} |",
             r.kernel.release,
             if r.booted { "yes" } else { "NO" },
             r.elapsed.as_secs_f64(),
@@ -345,6 +360,7 @@ pub fn print_summary(reports: &[KernelReport], total: Duration) {
             r.skips.len(),
             skips::by_need(&r.skips),
             r.problems.len() + r.storm_problems().len(),
+            r.panics.len(),
         );
     }
     let storms = storms(reports);
