@@ -293,9 +293,20 @@ fn panic_excerpt(console: &str) -> Option<String> {
     let lines: Vec<&str> = console.lines().collect();
     let start = lines
         .iter()
-        .position(|l| ["Oops", "BUG:", "PANIC", "Kernel panic"].iter().any(|m| l.contains(m)))
+        .position(|l| {
+            ["Oops", "BUG:", "PANIC", "Kernel panic"]
+                .iter()
+                .any(|m| l.contains(m))
+        })
         .unwrap_or(0);
-    Some(lines[start..].iter().take(16).copied().collect::<Vec<_>>().join("\n"))
+    Some(
+        lines[start..]
+            .iter()
+            .take(16)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
 }
 
 /// One VM for `k`, in a fresh `<target>/vmtest/<release>/`.

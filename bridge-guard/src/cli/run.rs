@@ -105,8 +105,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
             .or_else(|| settings.metrics_textfile.clone()),
         watchdog: notifier.clone().zip(notify::watchdog_interval()),
     })?;
-    agent.resync().await.context("first reconcile")?;
-    agent.publish();
+    agent.start_up().await.context("first reconcile")?;
     let metrics = match listener {
         Some(l) => {
             let addr = l.local_addr()?;

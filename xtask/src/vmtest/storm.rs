@@ -30,6 +30,7 @@ use crate::{
     bench::{
         contenders::{run_args, spawn_agent},
         faults::{self, BenchLab, Fault},
+        markdown::vmtest::{BEGIN, END},
         observer::{Observer, Outcome},
         stats,
     },
@@ -102,7 +103,7 @@ pub struct FaultResult {
     pub fault: String,
     /// Per injection; `None`: not healed within the timeout, or never seen.
     pub outages_ns: Vec<Option<u64>>,
-    /// Per injection, from the fault to the agent's first repair request (its `issued_ns`);
+    /// Per injection, from the fault to the agent's first repair request (its `planned_ns`);
     /// `None`: no repair logged.
     #[serde(default)]
     pub reactions_ns: Vec<Option<u64>>,
@@ -235,15 +236,15 @@ fn count_triggers(lines: &[String], into: &mut BTreeMap<String, u64>) {
 }
 
 /// The earliest repair request among `lines` after `t0` (CLOCK_MONOTONIC, as the agent's
-/// `issued_ns`), as a delay from `t0`.
-fn first_issued(lines: &[String], t0: u64) -> Option<u64> {
+/// `planned_ns`), as a delay from `t0`.
+fn first_planned(lines: &[String], t0: u64) -> Option<u64> {
     log_values(lines)
         .filter(|v| {
             v["message"]
                 .as_str()
                 .is_some_and(|m| m.starts_with("repaired:"))
         })
-        .filter_map(|v| v["issued_ns"].as_u64()?.checked_sub(t0))
+        .filter_map(|v| v["planned_ns"].as_u64()?.checked_sub(t0))
         .min()
 }
 
@@ -323,7 +324,7 @@ fn run_mode(args: &Args, mode: Mode) -> Result<ModeResult> {
                 let r = &mut results[i];
                 count_triggers(&m.guard_lines, &mut r.triggers);
                 r.outages_ns.push(outage);
-                r.reactions_ns.push(first_issued(&m.guard_lines, at.t0));
+                r.reactions_ns.push(first_planned(&m.guard_lines, at.t0));
             }
             lines.extend(m.guard_lines);
             if outage.is_none() {
@@ -487,15 +488,12 @@ pub fn table(reports: &[StormReport]) -> String {
     s
 }
 
-const BEGIN: &str = "<!-- vmtest:begin -->";
-const END: &str = "<!-- vmtest:end -->";
-
 /// The docs section for `reports`, with how it was made.
 fn section(reports: &[StormReport], when: &str) -> String {
     let repeat = reports.first().map_or(0, |r| r.repeat);
     format!(
-        "{BEGIN}\n## eBPF against netlink alone, in the VM matrix\n\n\
-         Written by `cargo xtask vmtest` ({when}). In each Debian kernel's guest (qemu TCG, one \
+        "{BEGIN}\n\
+         From `cargo xtask vmtest` ({when}). In each Debian kernel's guest (qemu TCG, one \
          vCPU), after the tests, the same fault storm runs against `bridge-guard run` with its \
          eBPF hooks and then with `--no-ebpf`, each in a fresh lab of {VMS} VM namespaces: \
          {repeat} rounds of a port detached (`nomaster`) then kernel STP turned on and a port \
@@ -617,8 +615,8 @@ mod tests {
     #[test]
     fn counts_triggers_and_actors_from_json_logs() {
         let lines: Vec<String> = [
-            r#"{"message":"repaired: re-attach vnet0 to br0: x","trigger":"ebpf","issued_ns":1500}"#,
-            r#"{"message":"repaired: turn STP off on br0: y","trigger":"netlink","issued_ns":1200}"#,
+            r#"{"message":"repaired: re-attach vnet0 to br0: x","trigger":"ebpf","planned_ns":1500}"#,
+            r#"{"message":"repaired: turn STP off on br0: y","trigger":"netlink","planned_ns":1200}"#,
             r#"{"message":"port state","actor":"ip[42]"}"#,
             r#"{"message":"port state","actor":"unknown"}"#,
             "not json",
@@ -631,8 +629,8 @@ mod tests {
         assert_eq!(t.get("ebpf"), Some(&1));
         assert_eq!(t.get("netlink"), Some(&1));
         assert_eq!(count_actors(&lines), (2, 1));
-        assert_eq!(first_issued(&lines, 1000), Some(200));
-        assert_eq!(first_issued(&lines, 2000), None);
+        assert_eq!(first_planned(&lines, 1000), Some(200));
+        assert_eq!(first_planned(&lines, 2000), None);
     }
 
     #[test]
