@@ -28,7 +28,7 @@ use crate::{
     event::{Actor, DecodeError, KernelEvent},
     membership,
     model::{Ktime, Model, Transition},
-    planner::{Action, Guard, Refusal},
+    planner::{self, Action, Guard, Refusal},
     rate::{self, RateLimiter},
     sources::{
         ebpf::{
@@ -45,6 +45,9 @@ use self::repair::Requests;
 
 /// How long published state may lag the model: coalesces bursts of changes into one write.
 const PUBLISH_DELAY: Duration = Duration::from_millis(5);
+/// How often the state file is rewritten even when nothing changed: `status` judges a state
+/// file older than a few of these as left by an agent that is not running.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Notifications taken per turn: bounded, so that a flood leaves timers their turn.
 const NETLINK_BATCH: usize = 4096;
 /// How soon a resync that failed is tried again.
@@ -186,7 +189,7 @@ impl Agent {
             observed: BTreeSet::new(),
             refusals: Vec::new(),
             repairs: BTreeMap::new(),
-            accounting: Arc::new(Mutex::new(Accounting::default())),
+            accounting: Arc::new(Mutex::new(Accounting::new())),
             lost_seen: 0,
             unlogged: Vec::new(),
             lines: Coalescer::default(),
@@ -204,10 +207,9 @@ impl Agent {
         {
             let mut acc = agent.acc();
             acc.hooks = hooks;
-            // Every series a dashboard rates starts at zero, not at its first event.
-            for source in ["ebpf", "netlink"] {
-                acc.events.entry(source).or_default();
-            }
+            // Every guarded bridge's series exist from the start, at zero.
+            acc.guard(agent.cfg.guards.iter().map(|g| g.bridge.as_str()));
+            acc.observe = agent.cfg.observe;
         }
         Ok(agent)
     }
@@ -260,16 +262,34 @@ impl Agent {
                 "every link dump was interrupted by concurrent changes: using the last one, and \
                  dumping again in {FOLLOW_UP:?}"
             );
-            self.resync_in(FOLLOW_UP, "inconsistent-dump");
+            self.resync_in(FOLLOW_UP, "inconsistent_dump");
         }
         let links = dump.links;
         match netlink::mrp_bridges(&self.netlink.handle).await {
             Ok(mrp) => self.model.set_mrp(mrp),
             Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
         }
+        // Before the reset, so that the ports libvirt names are tracked (and published) from
+        // this dump on, detached ones too: ready means every port is known. Each interface also
+        // carries what `bridge_guard_port_info` shows (domain, MAC).
+        let interfaces = membership::libvirt_ports(&self.cfg.libvirt_dir);
+        for i in &interfaces {
+            self.model.remember(&i.bridge, &i.dev);
+        }
         let transitions = self.model.reset_from_dump(links, asked, monotonic_ns());
-        for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
-            self.model.remember(&bridge, &port);
+        {
+            let mut acc = self.acc();
+            acc.port_info = interfaces
+                .into_iter()
+                .filter(|i| self.model.track(&i.dev).is_some())
+                .map(|i| {
+                    let info = crate::accounting::PortInfo {
+                        domain: i.domain,
+                        mac: i.mac,
+                    };
+                    (i.dev, info)
+                })
+                .collect();
         }
         self.record_transitions(&transitions);
         self.acc().on_resync(reason);
@@ -305,6 +325,8 @@ impl Agent {
         let mut batch = Vec::new();
         let mut notices = Vec::new();
         let mut publish_at: Option<Instant> = None;
+        // The state file's timestamp is the agent's heartbeat for `status`.
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         loop {
             let wake = self.next_wakeup();
             let mut answers = None;
@@ -339,6 +361,11 @@ impl Agent {
                 }
                 _ = summary.tick() => {
                     self.log_summary();
+                    continue;
+                }
+                _ = heartbeat.tick() => {
+                    self.dirty = true;
+                    self.publish();
                     continue;
                 }
                 _ = reconcile.tick() => self.request_resync("periodic"),
@@ -399,6 +426,7 @@ impl Agent {
             .filter_map(|(key, _)| self.limiter.wait_until(key, now))
             .chain(self.limiter.next_tick())
             .chain(self.lines.next_due())
+            .chain(planner::settle_deadline(&self.model, now))
             .min()
             .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
         at.into_iter()
@@ -440,9 +468,9 @@ impl Agent {
                     "eBPF events were lost (ring buffer full): resyncing from a dump"
                 );
                 self.lost_seen = lost;
-                self.acc().ringbuf_lost = lost;
-                self.request_resync("ebpf-lost");
-                self.resync_in(FOLLOW_UP, "ebpf-lost-follow-up");
+                self.acc().note_lost_total("ebpf", lost);
+                self.request_resync("ebpf_lost");
+                self.resync_in(FOLLOW_UP, "follow_up");
             }
         }
         for ev in batch.drain(..) {
@@ -461,8 +489,9 @@ impl Agent {
                     tracing::warn!(
                         "netlink notifications were lost (ENOBUFS): resyncing from a dump"
                     );
-                    self.request_resync("netlink-overrun");
-                    self.resync_in(FOLLOW_UP, "netlink-overrun-follow-up");
+                    self.acc().on_lost("netlink", 1);
+                    self.request_resync("netlink_overrun");
+                    self.resync_in(FOLLOW_UP, "follow_up");
                 }
                 ev => self.apply_netlink(ev),
             }

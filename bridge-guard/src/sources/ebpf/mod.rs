@@ -16,6 +16,11 @@ use crate::sys::{caps, kallsyms};
 /// The eBPF object built by `build.rs`; empty when the eBPF toolchain was missing at build time.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bridge-guard"));
 
+/// Whether this build carries its eBPF programs (for `bridge_guard_build_info`).
+pub fn embedded() -> bool {
+    !OBJECT.is_empty()
+}
+
 /// The function every port's forward-delay timer runs; the tracepoint tier matches on it.
 pub const FD_TIMER_SYMBOL: &str = "br_forward_delay_timer_expired";
 
