@@ -95,7 +95,7 @@ pub fn skip_unless_libvirt(test: &str) -> bool {
     if let Some(first) = missing.first() {
         crate::skip(
             test,
-            crate::Need::Tool(*first),
+            crate::Need::Tool(first),
             format_args!(
                 "needs libvirt ({} not found); `cargo xtask test` installs it",
                 missing.join(", ")
