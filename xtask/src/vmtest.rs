@@ -72,6 +72,8 @@ fn step(what: &str) {
 pub fn run(opts: &Options) -> Result<()> {
     let started = Instant::now();
     host::check()?;
+    // Before any thread: Ctrl-C or SIGTERM then kills the guests too.
+    crate::lab::install_signal_cleanup("vmtest")?;
     let tools = crate::setup::tools_dir()?;
     let mut apt = host::Apt::new(&tools);
     host::ensure_packages(&mut apt)?;

@@ -258,7 +258,10 @@ pub fn collect(
         .ok_or_else(|| "doctor --json did not run".to_owned())
         .and_then(|j| hook_tiers(&j));
     let tests = if booted {
-        bins.iter().flat_map(|b| binary_results(out, b)).collect()
+        bins.iter()
+            .filter(|b| guest::runs_in_guest(b))
+            .flat_map(|b| binary_results(out, b))
+            .collect()
     } else {
         Vec::new()
     };
@@ -317,9 +320,6 @@ pub fn print_kernel(r: &KernelReport) {
         println!("| {} | {} |", t.name, t.status.as_str());
     }
     print!("\n{}", skips::tally(&k.release, &r.expect, &r.skips));
-    for (bin, why) in guest::HOST_ONLY {
-        println!("  not run in the guests: {bin} ({why})");
-    }
     if let Some(Ok(storm)) = &r.storm {
         println!(
             "\nfault storm, eBPF against --no-ebpf:\n{}",
@@ -362,6 +362,10 @@ pub fn print_summary(reports: &[KernelReport], total: Duration) {
             r.problems.len() + r.storm_problems().len(),
             r.panics.len(),
         );
+    }
+    println!("\nNot run in the guests (the host runs them):");
+    for (bin, why) in guest::HOST_ONLY {
+        println!("- {bin}: {why}");
     }
     let storms = storms(reports);
     if !storms.is_empty() {
