@@ -28,6 +28,7 @@ use crate::{
     status::{self, Status},
     sys::{
         clock::{monotonic_ns, wall_time},
+        last_hour::LastHour,
         notify::Notifier,
     },
 };
@@ -66,6 +67,17 @@ pub enum AgentError {
     Ring(#[source] std::io::Error),
 }
 
+/// A new configuration for the running agent (SIGHUP): what can change without dropping the
+/// hooks or the model.
+#[derive(Debug)]
+pub struct Reload {
+    pub guards: Vec<Guard>,
+    pub observe: bool,
+    pub libvirt_dir: PathBuf,
+    /// Told the new status line once the reload is applied and its first repair pass done.
+    pub done: tokio::sync::oneshot::Sender<String>,
+}
+
 struct Pending {
     action: Action,
     issued: Ktime,
@@ -95,6 +107,12 @@ pub struct Agent {
     dirty: bool,
     /// Our own pid, to recognise our repairs in eBPF's actors (`process::id` is a syscall).
     pid: u32,
+    /// Repairs done in the last hour, for the status line.
+    recent_repairs: LastHour,
+    /// Where the status line goes (systemd's STATUS=), and the last one sent.
+    status_to: Option<(Arc<Notifier>, String)>,
+    /// Configuration reloads (see [`Agent::reloads`]).
+    reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -161,6 +179,9 @@ impl Agent {
             unlogged: Vec::new(),
             pid: std::process::id(),
             dirty: true,
+            recent_repairs: LastHour::default(),
+            status_to: None,
+            reloads: None,
         })
         .inspect(|agent| {
             let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
@@ -190,6 +211,77 @@ impl Agent {
         self.probes
             .as_ref()
             .map_or_else(|| "netlink only".to_owned(), Probes::summary)
+    }
+
+    /// Sends the status line to systemd (STATUS=) whenever the state is published and the line
+    /// changed.
+    pub fn report_status_to(&mut self, notifier: Arc<Notifier>) {
+        self.status_to = Some((notifier, String::new()));
+    }
+
+    /// Where to send configuration reloads; [`Agent::run`] applies them between events.
+    pub fn reloads(&mut self) -> tokio::sync::mpsc::Sender<Reload> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        self.reloads = Some(rx);
+        tx
+    }
+
+    /// Swaps the guarded bridges and their policy, keeping the hooks, the model's links and
+    /// learned members (of bridges still guarded) and the accounting, then resyncs and repairs
+    /// under the new policy.
+    pub async fn reload(
+        &mut self,
+        guards: Vec<Guard>,
+        observe: bool,
+        libvirt_dir: PathBuf,
+    ) -> Result<(), AgentError> {
+        self.model
+            .set_guarded(guards.iter().map(|g| g.bridge.clone()));
+        self.cfg.guards = guards;
+        self.cfg.observe = observe;
+        self.cfg.libvirt_dir = libvirt_dir;
+        // What is refused or only observed is said again under the new policy.
+        self.observed.clear();
+        self.logged_refusals.clear();
+        self.dirty = true;
+        self.resync().await
+    }
+
+    /// One line for systemd's STATUS=, e.g. "guarding virbr0: 3/3 forwarding, 2 repairs in the
+    /// last hour".
+    pub fn status_line(&self) -> String {
+        let bridges: Vec<String> = self
+            .cfg
+            .guards
+            .iter()
+            .map(|g| {
+                if self.model.bridge(&g.bridge).is_none() {
+                    return format!("{}: absent", g.bridge);
+                }
+                let (mut ports, mut forwarding) = (0, 0);
+                for (_, t) in self.model.tracks().filter(|(_, t)| t.bridge == g.bridge) {
+                    ports += 1;
+                    forwarding += usize::from(t.state == PortState::Forwarding);
+                }
+                let refused = if self.refusals.iter().any(|r| r.bridge == g.bridge) {
+                    " (repairs refused)"
+                } else {
+                    ""
+                };
+                format!("{}: {forwarding}/{ports} forwarding{refused}", g.bridge)
+            })
+            .collect();
+        let repairs = self.recent_repairs.count(monotonic_ns());
+        format!(
+            "guarding {}, {repairs} repair{} in the last hour{}",
+            bridges.join("; "),
+            if repairs == 1 { "" } else { "s" },
+            if self.cfg.observe {
+                "; observe-only"
+            } else {
+                ""
+            }
+        )
     }
 
     /// Rebuilds the model from a dump (and libvirt's XML), then repairs.
@@ -250,6 +342,15 @@ impl Agent {
                     notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
                 }
                 _ = tick.tick() => self.resync().await?,
+                Some(r) = async {
+                    match self.reloads.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reload(r.guards, r.observe, r.libvirt_dir).await?;
+                    let _ = r.done.send(self.status_line());
+                }
                 () = async {
                     match publish_at {
                         Some(at) => tokio::time::sleep_until(at).await,
@@ -597,6 +698,7 @@ impl Agent {
                         acked.saturating_sub(woke),
                     );
                     *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
+                    self.recent_repairs.record(acked);
                     self.dirty = true;
                     let delay = self.backoff.record(&key, issued);
                     if !delay.is_zero() {
@@ -758,6 +860,15 @@ impl Agent {
         }
         if let Err(e) = self.status().write(&self.cfg.state_dir) {
             tracing::warn!("{}", crate::error_chain(&e));
+        }
+        let line = self.status_line();
+        if let Some((notifier, sent)) = &mut self.status_to {
+            if *sent != line {
+                if let Err(e) = notifier.status(&line) {
+                    tracing::warn!("cannot send systemd the status line: {e}");
+                }
+                *sent = line;
+            }
         }
     }
 }

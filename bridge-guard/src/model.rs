@@ -114,6 +114,19 @@ impl Model {
         self.guarded.iter().map(String::as_str)
     }
 
+    /// Guards another set of bridges (a configuration reload). Members stay remembered for the
+    /// bridges still guarded; the ports of bridges no longer guarded are no longer tracked.
+    pub fn set_guarded(&mut self, guarded: impl IntoIterator<Item = String>) {
+        self.guarded = guarded.into_iter().collect();
+        let guarded = &self.guarded;
+        self.members.retain(|b, _| guarded.contains(b));
+        for b in guarded {
+            self.members.entry(b.clone()).or_default();
+        }
+        self.tracks.retain(|_, t| guarded.contains(&t.bridge));
+        self.moved.retain(|(b, _, _)| guarded.contains(b));
+    }
+
     pub fn link(&self, ifindex: u32) -> Option<&LinkSnapshot> {
         self.links.get(&ifindex)
     }

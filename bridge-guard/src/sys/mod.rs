@@ -3,5 +3,6 @@
 pub mod caps;
 pub mod clock;
 pub mod kallsyms;
+pub mod last_hour;
 pub mod netns;
 pub mod notify;
