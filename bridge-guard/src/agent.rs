@@ -213,10 +213,14 @@ impl Agent {
             .map_or_else(|| "netlink only".to_owned(), Probes::summary)
     }
 
-    /// Sends the status line to systemd (STATUS=) whenever the state is published and the line
-    /// changed.
+    /// Sends the status line to systemd (STATUS=) now, and again whenever the state is
+    /// published and the line changed.
     pub fn report_status_to(&mut self, notifier: Arc<Notifier>) {
-        self.status_to = Some((notifier, String::new()));
+        let line = self.status_line();
+        if let Err(e) = notifier.status(&line) {
+            tracing::warn!("cannot send systemd the status line: {e}");
+        }
+        self.status_to = Some((notifier, line));
     }
 
     /// Where to send configuration reloads; [`Agent::run`] applies them between events.
@@ -858,9 +862,7 @@ impl Agent {
                 tracing::warn!("cannot write the metrics textfile {}: {e}", path.display());
             }
         }
-        if let Err(e) = self.status().write(&self.cfg.state_dir) {
-            tracing::warn!("{}", crate::error_chain(&e));
-        }
+        // STATUS= first: whoever sees the new state file can count on systemd having it.
         let line = self.status_line();
         if let Some((notifier, sent)) = &mut self.status_to {
             if *sent != line {
@@ -869,6 +871,9 @@ impl Agent {
                 }
                 *sent = line;
             }
+        }
+        if let Err(e) = self.status().write(&self.cfg.state_dir) {
+            tracing::warn!("{}", crate::error_chain(&e));
         }
     }
 }

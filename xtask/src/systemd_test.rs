@@ -14,16 +14,21 @@ pub const ROOT_ENV: &str = "BRIDGE_GUARD_NSPAWN_ROOT";
 
 const SUITE: &str = "bookworm";
 const MIRROR: &str = "http://deb.debian.org/debian";
-/// What the tests need inside: systemd as init, its journal, D-Bus for systemctl, and `ip`.
-const PACKAGES: &str = "systemd,systemd-sysv,dbus,iproute2";
+/// What the tests need inside: systemd as init, its journal, D-Bus for systemctl, `ip`, and
+/// procps for the unit's `ExecReload=/bin/kill` (installed on any standard Debian).
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,iproute2,procps";
 
 /// The cached root, built first if missing.
 pub fn ensure_root() -> Result<PathBuf> {
     let dir = crate::setup::tools_dir()?.join("nspawn");
     let root = dir.join(format!("debian-{SUITE}"));
-    // Written last: a root without it is half-made and built again.
+    // Written last, naming what is in the root: a root without it is half-made, and one with
+    // other packages is out of date; either is built again.
     let stamp = dir.join(format!("debian-{SUITE}.ok"));
-    if stamp.is_file() && root.join("usr/lib/systemd/systemd").is_file() {
+    let contents = format!("{SUITE} {PACKAGES}\n");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == contents)
+        && root.join("usr/lib/systemd/systemd").is_file()
+    {
         return Ok(root);
     }
     eprintln!(
@@ -49,6 +54,6 @@ pub fn ensure_root() -> Result<PathBuf> {
     })?;
     std::fs::rename(&partial, &root)
         .with_context(|| format!("moving {} into place", partial.display()))?;
-    std::fs::write(&stamp, format!("{SUITE} {PACKAGES}\n"))?;
+    std::fs::write(&stamp, contents)?;
     Ok(root)
 }

@@ -48,7 +48,7 @@ pub struct Args {
     /// Once hooks are attached and the first reconcile is done, write the hook summary here.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
-    /// Serve Prometheus metrics on PORT (127.0.0.1) or ADDRESS:PORT, e.g. `--metrics 9558`.
+    /// Serve Prometheus metrics on PORT (127.0.0.1) or ADDRESS:PORT, e.g. `--metrics 9632`.
     /// Off unless given; it is unauthenticated, so keep it on loopback unless you mean it.
     #[arg(long, value_name = "ADDR", value_parser = exposition::parse_addr)]
     metrics: Option<SocketAddr>,
@@ -214,10 +214,6 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     })?;
     agent.resync().await.context("first reconcile")?;
     agent.publish();
-    // From here on the status line follows the state; READY below says what was attached.
-    if let Some(n) = &notifier {
-        agent.report_status_to(Arc::clone(n));
-    }
     // Handled from before READY: systemd may send SIGHUP as soon as the unit is active, and
     // SIGHUP's default action would end the agent.
     let hup = signal(SignalKind::hangup())?;
@@ -248,6 +244,9 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     }
     if let Some(n) = &notifier {
         n.ready(&status).context("telling systemd we are ready")?;
+        // READY's status said what was attached (also in the log); from here on STATUS= says
+        // how the bridges are doing.
+        agent.report_status_to(Arc::clone(n));
     }
     eprintln!("bridge-guard: ready: {status}");
     let mut term = signal(SignalKind::terminate())?;
