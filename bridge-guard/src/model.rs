@@ -533,6 +533,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_reload_keeps_what_was_learned_for_bridges_still_guarded() {
+        let mut links = lab();
+        links.push(link(11, "br1", LinkKind::Bridge, None));
+        links.push(link(12, "tap1", LinkKind::Tun, Some(11)));
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(links.clone(), 100);
+        assert!(m.track("vnet0").is_some());
+        m.set_guarded(["br0".to_owned(), "br1".to_owned()]);
+        assert_eq!(m.members("br0").collect::<Vec<_>>(), ["vnet0"], "kept");
+        let t = m.reset(links.clone(), 200);
+        assert!(t.iter().all(|t| t.port == "tap1"), "only the new bridge's port is new: {t:?}");
+        assert_eq!(m.members("br1").collect::<Vec<_>>(), ["tap1"], "learned");
+        m.set_guarded(["br1".to_owned()]);
+        assert!(m.track("vnet0").is_none(), "no longer tracked");
+        assert_eq!(m.members("br0").count(), 0);
+        assert_eq!(m.guarded().collect::<Vec<_>>(), ["br1"]);
+    }
+
+    #[test]
     fn learns_members_and_tracks_detach_and_reattach() {
         let mut m = Model::new(["br0".to_owned()]);
         let t = m.reset(lab(), 100);
