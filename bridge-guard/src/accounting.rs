@@ -153,6 +153,14 @@ pub struct Accounting {
     pub ringbuf_lost: u64,
     /// (hook, tier).
     pub hooks: Vec<(String, String)>,
+    /// (bridge, action kind) -> repairs that had to wait for a rate-limit slot.
+    pub rate_limited: BTreeMap<(String, &'static str), u64>,
+    /// (bridge, action kind) -> fights seen (something undoing a repair again and again).
+    pub fights: BTreeMap<(String, &'static str), u64>,
+    /// Why the model was rebuilt from a dump -> how often.
+    pub resyncs: BTreeMap<&'static str, u64>,
+    /// (bridge, action kind) -> repairs abandoned because the kernel did not answer in time.
+    pub unanswered: BTreeMap<(String, &'static str), u64>,
 }
 
 impl Accounting {
@@ -241,6 +249,33 @@ impl Accounting {
                 acc.repairs += 1;
             }
         }
+    }
+
+    /// Forgets a port that is gone: its series leave the metrics with it.
+    pub fn forget_port(&mut self, port: &str) {
+        self.ports.remove(port);
+    }
+
+    pub fn on_rate_limited(&mut self, bridge: &str, kind: &'static str) {
+        *self
+            .rate_limited
+            .entry((bridge.to_owned(), kind))
+            .or_default() += 1;
+    }
+
+    pub fn on_fight(&mut self, bridge: &str, kind: &'static str) {
+        *self.fights.entry((bridge.to_owned(), kind)).or_default() += 1;
+    }
+
+    pub fn on_resync(&mut self, reason: &'static str) {
+        *self.resyncs.entry(reason).or_default() += 1;
+    }
+
+    pub fn on_unanswered(&mut self, bridge: &str, kind: &'static str) {
+        *self
+            .unanswered
+            .entry((bridge.to_owned(), kind))
+            .or_default() += 1;
     }
 
     /// Updates a bridge's carrier and STP mode; a carrier change closes the open interval.

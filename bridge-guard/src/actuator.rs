@@ -7,6 +7,8 @@ use netlink_packet_route::link::{
 };
 use rtnetlink::{Handle, LinkBridgePort, LinkUnspec};
 
+use std::time::Duration;
+
 use futures::TryStreamExt as _;
 
 use crate::{
@@ -23,21 +25,35 @@ pub enum Applied {
     Stale(LinkSnapshot),
 }
 
+/// How long one repair may wait for the kernel's answer before it is abandoned.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
-#[error("cannot {action}")]
-pub struct ActuatorError {
-    pub action: String,
-    #[source]
-    pub source: rtnetlink::Error,
+pub enum ActuatorError {
+    #[error("cannot {action}")]
+    Kernel {
+        action: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot {action}: no answer from the kernel within {after:?}")]
+    Timeout { action: String, after: Duration },
 }
 
 impl ActuatorError {
     /// The kernel's errno, when the kernel refused.
     pub fn errno(&self) -> Option<i32> {
-        match &self.source {
-            rtnetlink::Error::NetlinkError(e) => Some(-e.raw_code()),
+        match self {
+            Self::Kernel {
+                source: rtnetlink::Error::NetlinkError(e),
+                ..
+            } => Some(-e.raw_code()),
             _ => None,
         }
+    }
+
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Self::Timeout { .. })
     }
 }
 
@@ -58,8 +74,22 @@ fn stp_off(bridge_ifindex: u32) -> LinkMessage {
 /// A port seen without a master may be between two masters (`ip link set P master OTHER`
 /// detaches, notifies, then attaches): enslaving from that view would steal it. So its master
 /// is read back from the kernel right before, and a port that has one is left alone.
+///
+/// Bounded by [`REQUEST_TIMEOUT`]: an unanswered request is abandoned with
+/// [`ActuatorError::Timeout`].
 pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, ActuatorError> {
-    let err = |source| ActuatorError {
+    tokio::time::timeout(REQUEST_TIMEOUT, apply_unbounded(handle, action))
+        .await
+        .unwrap_or_else(|_| {
+            Err(ActuatorError::Timeout {
+                action: action.to_string(),
+                after: REQUEST_TIMEOUT,
+            })
+        })
+}
+
+async fn apply_unbounded(handle: &Handle, action: &Action) -> Result<Applied, ActuatorError> {
+    let err = |source| ActuatorError::Kernel {
         action: action.to_string(),
         source,
     };
@@ -113,4 +143,26 @@ pub async fn apply(handle: &Handle, action: &Action) -> Result<Applied, Actuator
         }
     };
     result.map(|()| Applied::Done).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_nobody_answers_times_out() {
+        // A real rtnetlink connection whose I/O task never runs: the request is queued and
+        // never answered, as with a kernel that does not reply.
+        let (_conn, handle, _notifications) = rtnetlink::new_connection().expect("netlink socket");
+        let action = Action::BridgeUp {
+            bridge: "br0".into(),
+            bridge_ifindex: 1,
+        };
+        let started = std::time::Instant::now();
+        let e = apply(&handle, &action).await.expect_err("no answer");
+        assert!(e.timed_out(), "{e}");
+        let waited = started.elapsed();
+        assert!(waited >= REQUEST_TIMEOUT, "{waited:?}");
+        assert!(waited < REQUEST_TIMEOUT * 3, "{waited:?}");
+    }
 }

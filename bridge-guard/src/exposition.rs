@@ -264,6 +264,36 @@ pub fn render(acc: &Accounting, now: Ktime) -> String {
         "eBPF events lost because the ring buffer was full.",
     );
     o.sample("bridge_guard_ringbuf_lost_total", &[], f(acc.ringbuf_lost));
+    for (name, help, counts) in [
+        (
+            "bridge_guard_repairs_rate_limited_total",
+            "Repairs that waited for a rate-limit slot (something undoes them faster than the limit).",
+            &acc.rate_limited,
+        ),
+        (
+            "bridge_guard_fights_total",
+            "Fights: something undoing a repair again and again, by action.",
+            &acc.fights,
+        ),
+        (
+            "bridge_guard_repairs_unanswered_total",
+            "Repairs abandoned because the kernel did not answer in time.",
+            &acc.unanswered,
+        ),
+    ] {
+        o.family(name, "counter", help);
+        for ((bridge, action), n) in counts {
+            o.sample(name, &[("bridge", bridge), ("action", action)], f(*n));
+        }
+    }
+    o.family(
+        "bridge_guard_resyncs_total",
+        "counter",
+        "Rebuilds of the model from a kernel dump, by reason.",
+    );
+    for (reason, n) in &acc.resyncs {
+        o.sample("bridge_guard_resyncs_total", &[("reason", reason)], f(*n));
+    }
     o.family(
         "bridge_guard_hook_info",
         "gauge",

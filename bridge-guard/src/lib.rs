@@ -7,14 +7,15 @@
 pub mod accounting;
 pub mod actuator;
 pub mod agent;
-pub mod backoff;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod event;
 pub mod exposition;
 pub mod membership;
 pub mod model;
 pub mod planner;
+pub mod rate;
 pub mod sources;
 pub mod status;
 pub mod sys;

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use crate::{
     event::{Actor, Change, KernelEvent, PortState, StpMode},
-    sources::netlink::{LinkSnapshot, NetlinkEvent},
+    sources::netlink::{LinkKind, LinkSnapshot, NetlinkEvent},
 };
 
 /// CLOCK_MONOTONIC nanoseconds.
@@ -81,6 +81,11 @@ pub struct Model {
     /// buffer before the notification that enslaved it, or made it known at all, when the
     /// model cannot track it yet.
     stamps: BTreeMap<u32, Stamp>,
+    /// Ports whose tracking ended (deleted, or moved away) since [`Model::take_forgotten`].
+    forgotten: Vec<String>,
+    /// When the dump behind the last [`Model::reset`] was asked for: a kernel event stamped
+    /// before it is older than that picture (its effect, or a later one, is in the dump).
+    dumped_at: Ktime,
 }
 
 /// A port state as eBPF saw it.
@@ -123,8 +128,17 @@ impl Model {
         for b in guarded {
             self.members.entry(b.clone()).or_default();
         }
-        self.tracks.retain(|_, t| guarded.contains(&t.bridge));
-        self.moved.retain(|(b, _, _)| guarded.contains(b));
+        let dropped: Vec<String> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| !guarded.contains(&t.bridge))
+            .map(|(port, _)| port.clone())
+            .collect();
+        for port in dropped {
+            self.tracks.remove(&port);
+            self.forgotten.push(port);
+        }
+        self.moved.retain(|(b, _, _)| self.guarded.contains(b));
     }
 
     pub fn link(&self, ifindex: u32) -> Option<&LinkSnapshot> {
@@ -161,7 +175,7 @@ impl Model {
     /// The bridge device currently named `name`.
     pub fn bridge(&self, name: &str) -> Option<&LinkSnapshot> {
         self.link_by_name(name)
-            .filter(|l| l.kind == crate::sources::netlink::LinkKind::Bridge)
+            .filter(|l| l.kind == LinkKind::Bridge)
     }
 
     /// The links enslaved to `bridge_ifindex`.
@@ -199,7 +213,19 @@ impl Model {
         self.tracks.iter()
     }
 
-    /// Replaces every link with a fresh dump.
+    /// Replaces every link with a fresh dump, asked for at `asked`: the truth over anything
+    /// older, so kernel events stamped before `asked` are not applied over it.
+    pub fn reset_from_dump(
+        &mut self,
+        links: Vec<LinkSnapshot>,
+        asked: Ktime,
+        now: Ktime,
+    ) -> Vec<Transition> {
+        self.dumped_at = asked;
+        self.reset(links, now)
+    }
+
+    /// Replaces every link with a fresh dump: the truth over anything older.
     pub fn reset(&mut self, links: Vec<LinkSnapshot>, now: Ktime) -> Vec<Transition> {
         self.links = links.into_iter().map(|l| (l.ifindex, l)).collect();
         self.by_name = self
@@ -207,12 +233,46 @@ impl Model {
             .values()
             .map(|l| (l.name.clone(), l.ifindex))
             .collect();
-        self.refresh(now, Clock::Netlink, None)
+        self.stamps.retain(|i, _| self.links.contains_key(i));
+        // A member whose device is gone can never be re-attached: a device made later under
+        // its name is another device. (Its deletion may have been among lost notifications.)
+        for members in self.members.values_mut() {
+            members.retain(|p| self.by_name.contains_key(p));
+        }
+        self.moved.retain(|(_, p, _)| self.by_name.contains_key(p));
+        self.stp_actor.retain(|b, _| self.by_name.contains_key(b));
+        self.refresh(Scope::All, now, Clock::Netlink, None)
+    }
+
+    /// Ports whose tracking ended since the last call: whatever is kept per port elsewhere
+    /// (accounting, rate limits) goes with them.
+    pub fn take_forgotten(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.forgotten)
+    }
+
+    /// Sizes of what the model keeps, for memory checks: links, tracked ports, remembered
+    /// members, pending eBPF stamps.
+    pub fn sizes(&self) -> [(&'static str, usize); 4] {
+        [
+            ("links", self.links.len()),
+            ("tracks", self.tracks.len()),
+            ("members", self.members.values().map(BTreeSet::len).sum()),
+            ("stamps", self.stamps.len()),
+        ]
     }
 
     pub fn apply_netlink(&mut self, ev: NetlinkEvent, now: Ktime) -> Vec<Transition> {
+        // The port concerned, when only one is: a bridge's change (or a rename) concerns all.
+        let mut port: Option<String> = None;
         match ev {
             NetlinkEvent::Link(mut snap) => {
+                let old = self.links.get(&snap.ifindex);
+                let bridge = |kind: &LinkKind| *kind == LinkKind::Bridge;
+                if !bridge(&snap.kind)
+                    && old.is_none_or(|o| !bridge(&o.kind) && o.name == snap.name)
+                {
+                    port = Some(snap.name.clone());
+                }
                 if self.kernel_port_states {
                     let kernel = match self.links.get(&snap.ifindex) {
                         Some(old) => old.port_state,
@@ -224,35 +284,53 @@ impl Model {
                 self.insert_link(snap);
             }
             NetlinkEvent::Removed { ifindex, name } => {
+                if self
+                    .links
+                    .get(&ifindex)
+                    .is_none_or(|l| l.kind != LinkKind::Bridge)
+                {
+                    port = Some(name.clone());
+                }
                 self.remove_link(ifindex);
                 // The device is gone, not detached: its membership ended.
                 for m in self.members.values_mut() {
                     m.remove(&name);
                 }
-                self.tracks.remove(&name);
+                if self.tracks.remove(&name).is_some() {
+                    self.forgotten.push(name.clone());
+                }
                 self.moved.retain(|(_, p, _)| *p != name);
+                self.stp_actor.remove(&name);
             }
             NetlinkEvent::PortState {
                 ifindex,
                 master,
                 state,
             } => {
-                if let Some(l) = self.links.get_mut(&ifindex) {
-                    if !self.kernel_port_states {
-                        l.port_state = Some(state);
-                    }
-                    if master.is_some() {
-                        l.master = master;
-                    }
+                let Some(l) = self.links.get_mut(&ifindex) else {
+                    return Vec::new();
+                };
+                if !self.kernel_port_states {
+                    l.port_state = Some(state);
                 }
+                if master.is_some() {
+                    l.master = master;
+                }
+                port = Some(l.name.clone());
             }
-            NetlinkEvent::Overrun => {}
+            NetlinkEvent::Overrun => return Vec::new(),
         }
-        self.refresh(now, Clock::Netlink, None)
+        let scope = port.as_deref().map_or(Scope::All, Scope::Port);
+        self.refresh(scope, now, Clock::Netlink, None)
     }
 
-    /// Applies an eBPF event: the change, with the kernel's timestamp and actor.
+    /// Applies an eBPF event: the change, with the kernel's timestamp and actor. An event
+    /// older than the last dump is dropped: after a loss, events queued before the dump may
+    /// be followed by ones that were lost, and must not undo the dump's picture.
     pub fn apply_kernel(&mut self, ev: &KernelEvent) -> Vec<Transition> {
+        if ev.ktime_ns < self.dumped_at {
+            return Vec::new();
+        }
         match ev.change {
             Change::PortState {
                 new: Some(state), ..
@@ -290,7 +368,23 @@ impl Model {
             }
             Change::PortState { new: None, .. } => {}
         }
-        self.refresh(ev.ktime_ns, Clock::Kernel, Some(&ev.actor))
+        let scope = match ev.change {
+            Change::Stp { .. } => Scope::All,
+            _ => match self.links.get(&ev.port_ifindex) {
+                Some(l) => {
+                    let name = l.name.clone();
+                    return self.refresh(
+                        Scope::Port(&name),
+                        ev.ktime_ns,
+                        Clock::Kernel,
+                        Some(&ev.actor),
+                    );
+                }
+                // Not known yet: its stamp waits for the link's notification.
+                None => return Vec::new(),
+            },
+        };
+        self.refresh(scope, ev.ktime_ns, Clock::Kernel, Some(&ev.actor))
     }
 
     /// Says whether eBPF reports every port-state change (see `kernel_port_states`).
@@ -312,102 +406,147 @@ impl Model {
         self.bridge(bridge).and_then(|b| b.stp)
     }
 
-    /// Recomputes every guarded port's state and records what changed.
-    fn refresh(&mut self, at: Ktime, clock: Clock, actor: Option<&Actor>) -> Vec<Transition> {
-        // Learn membership: a port seen on a guarded bridge belongs to it.
-        let guarded_ifindex: BTreeMap<u32, String> = self
-            .links
-            .values()
-            .filter(|l| {
-                self.guarded.contains(&l.name)
-                    && l.kind == crate::sources::netlink::LinkKind::Bridge
-            })
-            .map(|l| (l.ifindex, l.name.clone()))
-            .collect();
-        for l in self.links.values() {
-            if let Some(bridge) = l.master.and_then(|m| guarded_ifindex.get(&m)) {
-                if let Some(m) = self.members.get_mut(bridge) {
-                    m.insert(l.name.clone());
-                }
-                self.moved.retain(|(_, p, _)| *p != l.name);
-            }
-        }
-        // Forget members that moved to another master, and say so once.
-        for (bridge, members) in &mut self.members {
-            let links = &self.links;
-            let by_name = &self.by_name;
-            let moved = &mut self.moved;
-            members.retain(|port| {
-                let Some(link) = by_name.get(port).and_then(|i| links.get(i)) else {
-                    return true;
-                };
-                match link.master {
-                    Some(m) if guarded_ifindex.get(&m).is_none_or(|b| b != bridge) => {
-                        let other = links
-                            .get(&m)
-                            .map_or_else(|| m.to_string(), |l| l.name.clone());
-                        moved.insert((bridge.clone(), port.clone(), other));
-                        false
-                    }
-                    _ => true,
-                }
-            });
-        }
+    /// The guarded bridges present now: ifindex -> name.
+    fn guarded_bridges(&self) -> BTreeMap<u32, String> {
+        self.guarded
+            .iter()
+            .filter_map(|name| self.bridge(name).map(|b| (b.ifindex, name.clone())))
+            .collect()
+    }
 
-        let mut out = Vec::new();
-        let mut used = Vec::new();
-        for (bridge, members) in &self.members {
-            let bridge_ifindex = guarded_ifindex
-                .iter()
-                .find(|(_, name)| *name == bridge)
-                .map(|(i, _)| *i);
-            for port in members {
-                let link = self.by_name.get(port).and_then(|i| self.links.get(i));
-                let state = match link {
-                    Some(l) if l.master.is_some() && l.master == bridge_ifindex => {
-                        l.port_state.unwrap_or(PortState::Disabled)
-                    }
-                    Some(_) => PortState::Detached,
-                    // Device gone: nothing to track (Removed handles it).
-                    None => continue,
-                };
-                // Netlink's news of a state eBPF already stamped: the kernel's time is the true
-                // one. The stamp is used up either way once netlink shows that state.
-                let stamp = match (clock, link.and_then(|l| self.stamps.get(&l.ifindex))) {
-                    (Clock::Netlink, Some(s))
-                        if s.state == state && s.at <= at && at - s.at < STAMP_WINDOW_NS =>
-                    {
-                        Some(s)
-                    }
-                    _ => None,
-                };
-                let t = match stamp {
-                    Some(s) => transition(
-                        &mut self.tracks,
-                        bridge,
-                        port,
-                        state,
-                        s.at,
-                        Clock::Kernel,
-                        Some(&s.actor),
-                    ),
-                    None => transition(&mut self.tracks, bridge, port, state, at, clock, actor),
-                };
-                if stamp.is_some() {
-                    if let Some(l) = link {
-                        used.push(l.ifindex);
-                    }
-                }
-                if let Some(t) = t {
-                    out.push(t);
-                }
-            }
+    /// Recomputes what `scope` can have changed (membership, the state of each guarded port
+    /// concerned) and records the transitions. A change to one link costs a few look-ups, not
+    /// a walk over every link: churn of thousands of taps stays linear.
+    fn refresh(
+        &mut self,
+        scope: Scope<'_>,
+        at: Ktime,
+        clock: Clock,
+        actor: Option<&Actor>,
+    ) -> Vec<Transition> {
+        let guarded = self.guarded_bridges();
+        let ports: BTreeSet<String> = match scope {
+            Scope::Port(name) => [name.to_owned()].into(),
+            Scope::All => self
+                .links
+                .values()
+                .map(|l| l.name.clone())
+                .chain(self.members.values().flatten().cloned())
+                .chain(self.tracks.keys().cloned())
+                .collect(),
+        };
+        for port in &ports {
+            self.learn(port, &guarded);
         }
-        for ifindex in used {
-            self.stamps.remove(&ifindex);
+        let mut out = Vec::new();
+        for port in &ports {
+            out.extend(self.retrack(port, &guarded, at, clock, actor));
         }
         out
     }
+
+    /// Membership of one port: seen on a guarded bridge, it belongs to it; moved to another
+    /// master, it is forgotten there (and the move is said once).
+    fn learn(&mut self, port: &str, guarded: &BTreeMap<u32, String>) {
+        let Some(link) = self.by_name.get(port).and_then(|i| self.links.get(i)) else {
+            return;
+        };
+        let Some(master) = link.master else { return };
+        if let Some(bridge) = guarded.get(&master) {
+            if let Some(m) = self.members.get_mut(bridge) {
+                m.insert(port.to_owned());
+            }
+            self.moved.retain(|(_, p, _)| p != port);
+        }
+        let other = self
+            .links
+            .get(&master)
+            .map_or_else(|| master.to_string(), |l| l.name.clone());
+        for (bridge, members) in &mut self.members {
+            if guarded.get(&master) != Some(bridge) && members.remove(port) {
+                self.moved
+                    .insert((bridge.clone(), port.to_owned(), other.clone()));
+            }
+        }
+    }
+
+    /// The state of one port on the guarded bridges it belongs to; its transition if it
+    /// changed. A port no guarded bridge counts as its own any more is not tracked.
+    fn retrack(
+        &mut self,
+        port: &str,
+        guarded: &BTreeMap<u32, String>,
+        at: Ktime,
+        clock: Clock,
+        actor: Option<&Actor>,
+    ) -> Vec<Transition> {
+        let owners: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.contains(port))
+            .map(|(b, _)| b.clone())
+            .collect();
+        if owners.is_empty() {
+            if self.tracks.remove(port).is_some() {
+                self.forgotten.push(port.to_owned());
+            }
+            return Vec::new();
+        }
+        let link = self.by_name.get(port).and_then(|i| self.links.get(i));
+        let mut out = Vec::new();
+        for bridge in &owners {
+            let bridge_ifindex = guarded
+                .iter()
+                .find(|(_, name)| *name == bridge)
+                .map(|(i, _)| *i);
+            let state = match link {
+                Some(l) if l.master.is_some() && l.master == bridge_ifindex => {
+                    l.port_state.unwrap_or(PortState::Disabled)
+                }
+                Some(_) => PortState::Detached,
+                // Device gone: nothing to track (Removed handles it).
+                None => continue,
+            };
+            // Netlink's news of a state eBPF already stamped: the kernel's time is the true
+            // one. The stamp is used up either way once netlink shows that state.
+            let stamp = match (clock, link.and_then(|l| self.stamps.get(&l.ifindex))) {
+                (Clock::Netlink, Some(s))
+                    if s.state == state && s.at <= at && at - s.at < STAMP_WINDOW_NS =>
+                {
+                    Some(s.clone())
+                }
+                _ => None,
+            };
+            let t = match &stamp {
+                Some(s) => transition(
+                    &mut self.tracks,
+                    bridge,
+                    port,
+                    state,
+                    s.at,
+                    Clock::Kernel,
+                    Some(&s.actor),
+                ),
+                None => transition(&mut self.tracks, bridge, port, state, at, clock, actor),
+            };
+            if stamp.is_some() {
+                if let Some(i) = link.map(|l| l.ifindex) {
+                    self.stamps.remove(&i);
+                }
+            }
+            out.extend(t);
+        }
+        out
+    }
+}
+
+/// What a change can affect.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// One link, by name (its membership and state).
+    Port(&'a str),
+    /// Everything: a bridge changed, or a dump replaced the picture.
+    All,
 }
 
 /// Updates the track of `port`; returns the transition when the state changed.
@@ -543,10 +682,15 @@ pub(crate) mod tests {
         m.set_guarded(["br0".to_owned(), "br1".to_owned()]);
         assert_eq!(m.members("br0").collect::<Vec<_>>(), ["vnet0"], "kept");
         let t = m.reset(links.clone(), 200);
-        assert!(t.iter().all(|t| t.port == "tap1"), "only the new bridge's port is new: {t:?}");
+        assert!(
+            t.iter().all(|t| t.port == "tap1"),
+            "only the new bridge's port is new: {t:?}"
+        );
         assert_eq!(m.members("br1").collect::<Vec<_>>(), ["tap1"], "learned");
+        m.take_forgotten();
         m.set_guarded(["br1".to_owned()]);
         assert!(m.track("vnet0").is_none(), "no longer tracked");
+        assert_eq!(m.take_forgotten(), ["vnet0"], "and forgotten elsewhere too");
         assert_eq!(m.members("br0").count(), 0);
         assert_eq!(m.guarded().collect::<Vec<_>>(), ["br1"]);
     }
@@ -729,6 +873,51 @@ pub(crate) mod tests {
             4_000,
         );
         assert_eq!((t[0].at, t[0].clock), (4_000, Clock::Netlink));
+    }
+
+    #[test]
+    fn kernel_events_older_than_a_fresh_dump_never_override_it() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.trust_kernel_port_states(true);
+        m.reset(lab(), 0);
+        // A loss, then a dump asked for at 1_000 shows vnet0 forwarding.
+        m.reset_from_dump(lab(), 1_000, 1_100);
+        // Queued before the dump, read after it: dropped.
+        assert!(
+            m.apply_kernel(&kernel_state(9, PortState::Listening, 900))
+                .is_empty()
+        );
+        assert_eq!(
+            m.track("vnet0").map(|t| t.state),
+            Some(PortState::Forwarding)
+        );
+        assert_eq!(
+            m.link(9).and_then(|l| l.port_state),
+            Some(PortState::Forwarding)
+        );
+        // Stamped after the dump was asked for: news.
+        let t = m.apply_kernel(&kernel_state(9, PortState::Blocking, 1_050));
+        assert_eq!(t[0].to, PortState::Blocking);
+    }
+
+    #[test]
+    fn churn_of_members_leaves_nothing_behind() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(lab(), 0);
+        let baseline = m.sizes();
+        for i in 0..1_000u32 {
+            let ifindex = 100 + i;
+            let name = format!("tap{i}");
+            m.apply_netlink(
+                NetlinkEvent::Link(link(ifindex, &name, LinkKind::Tun, Some(7))),
+                u64::from(i),
+            );
+            assert_eq!(m.members("br0").count(), 2);
+            m.apply_netlink(NetlinkEvent::Removed { ifindex, name }, u64::from(i) + 1);
+        }
+        assert_eq!(m.sizes(), baseline);
+        assert_eq!(m.take_forgotten().len(), 1_000);
+        assert_eq!(m.tracks().count(), 1);
     }
 
     #[test]

@@ -71,9 +71,9 @@ pub enum Action {
 }
 
 impl Action {
-    /// Stable identity for backoff and confirmation: the same repair of the same devices. The
+    /// Stable identity for in-flight tracking: the same repair of the same devices. The
     /// ifindexes are part of it: a bridge recreated under the same name is another device, and
-    /// what happened to its predecessor (failures, backoff) must not hold back its repair.
+    /// what happened to its predecessor (failures, requests in flight) must not hold back its repair.
     pub fn key(&self) -> String {
         match self {
             Self::BridgeUp {

@@ -14,6 +14,9 @@ pub struct Status {
     pub hooks: String,
     pub observe: bool,
     pub bridges: Vec<BridgeStatus>,
+    /// How many entries the agent keeps in each of its tables (memory checks).
+    #[serde(default)]
+    pub tables: std::collections::BTreeMap<String, usize>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -27,6 +30,21 @@ pub struct BridgeStatus {
     pub refusals: Vec<String>,
     pub repairs: u64,
     pub ports: Vec<PortStatus>,
+    /// Repairs something keeps undoing, while it lasts.
+    #[serde(default)]
+    pub fights: Vec<FightStatus>,
+}
+
+/// A repair something keeps undoing (a fight), as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FightStatus {
+    /// What keeps being repaired, e.g. `turn STP off on virbr0`.
+    pub action: String,
+    /// Who undid it last, where eBPF knows (e.g. `NetworkManager[812]`).
+    pub actor: Option<String>,
+    /// Repairs made during the fight so far.
+    pub count: u64,
+    pub last_unix_ns: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -142,6 +160,16 @@ impl Status {
             for r in &b.refusals {
                 let _ = writeln!(out, "  refused: {r}");
             }
+            for f in &b.fights {
+                let _ = writeln!(
+                    out,
+                    "  fight: {} undone again and again (by {}): repaired {} times, last {} ago",
+                    f.action,
+                    f.actor.as_deref().unwrap_or("unknown"),
+                    f.count,
+                    ago(f.last_unix_ns)
+                );
+            }
             let _ = writeln!(
                 out,
                 "  {:<16} {:<11} {:>12}  {:<8} {:<14} last outage",
@@ -197,6 +225,7 @@ mod tests {
             updated_unix_ns: 10,
             hooks: "port-state=tracepoint".into(),
             observe: false,
+            tables: [("model.links".to_owned(), 3)].into(),
             bridges: vec![BridgeStatus {
                 name: "br0".into(),
                 present: true,
@@ -215,6 +244,12 @@ mod tests {
                     last_episode: Some([("listening".to_owned(), 850_000)].into()),
                     time_in_ns: [("forwarding".to_owned(), 2_500_000_000)].into(),
                 }],
+                fights: vec![FightStatus {
+                    action: "turn STP off on br0".into(),
+                    actor: Some("NetworkManager[812]".into()),
+                    count: 240,
+                    last_unix_ns: 3_000_000_000,
+                }],
             }],
         };
         status.write(&dir).expect("writes");
@@ -222,6 +257,10 @@ mod tests {
         let text = status.render(3_500_000_000);
         assert!(text.contains("running"), "{text}");
         assert!(text.contains("refused: vnet1 moved to br1"), "{text}");
+        assert!(
+            text.contains("fight: turn STP off on br0 undone again and again (by NetworkManager[812]): repaired 240 times, last 500.0 ms ago"),
+            "{text}"
+        );
         let row = text
             .lines()
             .find(|l| l.contains("vnet0"))

@@ -302,6 +302,53 @@ impl Agent {
         }
     }
 
+    /// `ADDR:PORT` of the agent's metrics server, from its readiness line (run it with
+    /// `--metrics 127.0.0.1:0` to get a free port).
+    pub fn metrics_addr(&self) -> Result<String> {
+        let url = self
+            .ready
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("http://"))
+            .with_context(|| format!("the readiness line names no metrics URL: {}", self.ready))?;
+        Ok(url
+            .trim_end_matches(')')
+            .trim_end_matches("/metrics")
+            .to_owned())
+    }
+
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// CPU time the agent used so far (user + system), from `/proc/PID/stat`.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
+        // Fields after the command (which may hold spaces), from the closing parenthesis.
+        let rest = stat.rsplit_once(')').context("malformed /proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<u64> {
+            Ok(fields.get(i).context("short /proc/PID/stat")?.parse()?)
+        };
+        // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after ')'.
+        let total = ticks(11)? + ticks(12)?;
+        // SAFETY: sysconf has no failure mode for this name.
+        let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+        Ok(Duration::from_millis(total * 1000 / hz.max(1)))
+    }
+
+    /// The agent's resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .context("no VmRSS")?
+            .parse()
+            .context("VmRSS is not a number")
+    }
+
     /// The tier the agent chose for `hook`, from its readiness line (`hook=tier ...`).
     pub fn tier(&self, hook: &str) -> Option<String> {
         let key = format!("{hook}=");

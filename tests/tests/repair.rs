@@ -221,43 +221,6 @@ fn a_port_moved_to_another_bridge_is_not_pulled_back() -> anyhow::Result<()> {
 }
 
 #[test]
-fn stp_reenabled_over_and_over_meets_backoff_not_a_spin() -> anyhow::Result<()> {
-    if skip_unless_root("stp_reenabled_over_and_over_meets_backoff_not_a_spin") {
-        return Ok(());
-    }
-    let (lab, mut agent) = guarded_lab("fight", &[])?;
-    let before = agent.status()?["bridges"][0]["repairs"]
-        .as_u64()
-        .unwrap_or(0);
-    const FIGHTS: u64 = 300;
-    let script = format!(
-        "for i in $(seq {FIGHTS}); do ip -n {} link set br0 type bridge stp_state 1; done",
-        lab.host.name
-    );
-    let fighter = Command::new("sh").args(["-c", &script]).status()?;
-    assert!(fighter.success());
-    agent.wait_log("backoff", HEAL, |l| {
-        l.contains("backing off: turn STP off on br0")
-    })?;
-    // Once the fight stops, the agent still wins, after its backoff.
-    lab.wait_until("healthy with STP off", Duration::from_secs(60), |lab| {
-        Ok(match lab.unhealthy()? {
-            Some(why) => Some(why),
-            None => (lab.stp_state()? != 0).then(|| "STP is still on".to_owned()),
-        })
-    })?;
-    let repairs = agent.status()?["bridges"][0]["repairs"]
-        .as_u64()
-        .unwrap_or(0)
-        - before;
-    assert!(
-        repairs < FIGHTS / 5,
-        "{repairs} repairs for {FIGHTS} re-enables: that is a spin"
-    );
-    Ok(())
-}
-
-#[test]
 fn observe_only_repairs_nothing_and_reports_what_it_would_do() -> anyhow::Result<()> {
     if skip_unless_root("observe_only_repairs_nothing_and_reports_what_it_would_do") {
         return Ok(());

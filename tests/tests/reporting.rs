@@ -14,20 +14,8 @@ const WAIT: Duration = Duration::from_secs(30);
 /// above both and far below the 2 s being measured.
 const TOLERANCE: f64 = 0.25;
 
-/// `--metrics 127.0.0.1:0` picks a free port; the readiness line says which.
-fn metrics_addr(agent: &Agent) -> String {
-    let url = agent
-        .ready
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("http://"))
-        .expect("readiness line names the metrics URL");
-    url.trim_end_matches(')')
-        .trim_end_matches("/metrics")
-        .to_owned()
-}
-
 fn scrape(lab: &VmLab, agent: &Agent) -> anyhow::Result<Scrape> {
-    let body = http_get(&lab.host.name, &metrics_addr(agent), "/metrics")?;
+    let body = http_get(&lab.host.name, &agent.metrics_addr()?, "/metrics")?;
     Ok(Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
 }
 

@@ -83,7 +83,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     }
     // Check the result from the kernel, not from the acks.
     model.reset(
-        netlink::dump(&nl.handle)
+        netlink::dump_consistent(&nl.handle)
             .await
             .context("checking the result")?,
         monotonic_ns(),

@@ -212,8 +212,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
             .or_else(|| settings.metrics_textfile.clone()),
         watchdog: notifier.clone().zip(notify::watchdog_interval()),
     })?;
-    agent.resync().await.context("first reconcile")?;
-    agent.publish();
+    agent.start_up().await.context("first reconcile")?;
     // Handled from before READY: systemd may send SIGHUP as soon as the unit is active, and
     // SIGHUP's default action would end the agent.
     let hup = signal(SignalKind::hangup())?;

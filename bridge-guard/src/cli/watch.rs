@@ -9,7 +9,7 @@ use crate::{
     accounting::Accounting,
     event::{Change, KernelEvent, PortState},
     model::{Clock, Transition},
-    sources::ebpf::{Options, Probes},
+    sources::ebpf::{Options, Probes, ring},
     status::format_duration,
     sys::{clock, netns},
 };
@@ -146,7 +146,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     loop {
         tokio::select! {
-            r = stream.next_batch(&mut batch) => r.context("reading the ring buffer")?,
+            r = stream.next_batch(&mut batch, ring::BATCH) => r.context("reading the ring buffer")?,
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }

@@ -8,7 +8,11 @@
 //! those its STP timers make.
 
 use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use std::time::Duration;
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
     link::{
@@ -38,6 +42,12 @@ pub enum NetlinkError {
     Subscribe(#[source] std::io::Error),
     #[error("link dump failed")]
     Dump(#[source] rtnetlink::Error),
+    #[error("no answer from the kernel to a {what} within {after:?}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error(
+        "every one of {attempts} link dumps was interrupted by concurrent changes (NLM_F_DUMP_INTR)"
+    )]
+    Inconsistent { attempts: u32 },
 }
 
 /// What a link is, as far as repair safety is concerned.
@@ -273,9 +283,9 @@ impl Netlink {
         })
     }
 
-    /// Dumps every link.
+    /// Dumps every link, consistently.
     pub async fn dump(&self) -> Result<Vec<LinkSnapshot>, NetlinkError> {
-        dump(&self.handle).await
+        dump_consistent(&self.handle).await
     }
 }
 
@@ -310,16 +320,86 @@ fn grow_rx_buffer(socket: &mut netlink_sys::Socket) {
     }
 }
 
-/// Dumps every link through `handle`.
-pub async fn dump(handle: &Handle) -> Result<Vec<LinkSnapshot>, NetlinkError> {
-    handle
-        .link()
-        .get()
-        .execute()
-        .map_ok(|m| snapshot(&m))
-        .try_collect()
-        .await
-        .map_err(NetlinkError::Dump)
+/// How long a dump may take before it is abandoned.
+pub const DUMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Dumps tried before giving up on a consistent one.
+const DUMP_ATTEMPTS: u32 = 3;
+
+/// Every link, from one dump.
+#[derive(Debug)]
+pub struct Dump {
+    pub links: Vec<LinkSnapshot>,
+    /// False when every attempt was interrupted by concurrent changes: the links may miss or
+    /// repeat some; the caller should dump again once things calm down.
+    pub consistent: bool,
+}
+
+/// Dumps every link through `handle`. A dump the kernel marks interrupted (NLM_F_DUMP_INTR:
+/// links were added or removed while it ran, so it may miss or repeat some) is taken again, up
+/// to [`DUMP_ATTEMPTS`] times; each attempt is bounded by [`DUMP_TIMEOUT`].
+pub async fn dump(handle: &Handle) -> Result<Dump, NetlinkError> {
+    let mut last = Vec::new();
+    for attempt in 1..=DUMP_ATTEMPTS {
+        let (links, interrupted) = tokio::time::timeout(DUMP_TIMEOUT, dump_once(handle))
+            .await
+            .map_err(|_| NetlinkError::Timeout {
+                what: "link dump",
+                after: DUMP_TIMEOUT,
+            })??;
+        if !interrupted {
+            return Ok(Dump {
+                links,
+                consistent: true,
+            });
+        }
+        tracing::debug!(
+            attempt,
+            "link dump interrupted by concurrent changes; dumping again"
+        );
+        last = links;
+    }
+    Ok(Dump {
+        links: last,
+        consistent: false,
+    })
+}
+
+/// [`dump`], insisting on a consistent one.
+pub async fn dump_consistent(handle: &Handle) -> Result<Vec<LinkSnapshot>, NetlinkError> {
+    let d = dump(handle).await?;
+    if d.consistent {
+        Ok(d.links)
+    } else {
+        Err(NetlinkError::Inconsistent {
+            attempts: DUMP_ATTEMPTS,
+        })
+    }
+}
+
+/// One link dump, and whether the kernel flagged it interrupted.
+async fn dump_once(handle: &Handle) -> Result<(Vec<LinkSnapshot>, bool), NetlinkError> {
+    let mut msg = LinkMessage::default();
+    // Statistics are most of each message's size and none of the model's business.
+    msg.attributes
+        .push(LinkAttribute::ExtMask(vec![LinkExtentMask::SkipStats]));
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetLink(msg));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut responses = handle.clone().request(req).map_err(NetlinkError::Dump)?;
+    let mut links = Vec::new();
+    let mut interrupted = false;
+    while let Some(msg) = responses.next().await {
+        interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
+        match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+                links.push(snapshot(&link));
+            }
+            NetlinkPayload::Error(e) => {
+                return Err(NetlinkError::Dump(rtnetlink::Error::NetlinkError(e)));
+            }
+            _ => {}
+        }
+    }
+    Ok((links, interrupted))
 }
 
 /// `IFLA_BRIDGE_MRP`, inside an AF_BRIDGE message's `IFLA_AF_SPEC`.
@@ -338,14 +418,19 @@ pub fn has_mrp(msg: &LinkMessage) -> bool {
 
 /// The bridges MRP (media redundancy, IEC 62439-2) runs on: it drives port states itself.
 pub async fn mrp_bridges(handle: &Handle) -> Result<Vec<u32>, NetlinkError> {
-    handle
+    let dump = handle
         .link()
         .get()
         .set_filter_mask(AddressFamily::Bridge, vec![LinkExtentMask::Mrp])
         .execute()
         .try_filter_map(|m| async move { Ok(has_mrp(&m).then_some(m.header.index)) })
-        .try_collect()
+        .try_collect();
+    tokio::time::timeout(DUMP_TIMEOUT, dump)
         .await
+        .map_err(|_| NetlinkError::Timeout {
+            what: "bridge MRP dump",
+            after: DUMP_TIMEOUT,
+        })?
         .map_err(NetlinkError::Dump)
 }
 

@@ -1,4 +1,5 @@
-//! The contenders: bridge-guard, the shell guard users write today, and no guard at all.
+//! The contenders: bridge-guard, the oracle (the least any guard could do), the shell guard
+//! users write today, and no guard at all.
 
 use std::{
     path::Path,
@@ -10,7 +11,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use super::{monitor::Activity, observer::Observer, rtnl::Rtnl, stats};
+use super::{
+    faults::Fault, monitor::Activity, observer::Observer, oracle::Oracle, rtnl::Rtnl, stats,
+};
 use crate::lab::{NetNs, Proc, TempDir, read_lines};
 
 /// The fix script of the shell guard, modelled on the first user's `fix-vm-network.sh`
@@ -46,17 +49,23 @@ done"#;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum Contender {
+    /// `bridge-guard run`
     BridgeGuard,
+    /// A raw-netlink thread told the fault class in advance: the least any guard could do
+    Oracle,
+    /// An `ip monitor` loop around a fix script, as users write today
     Shell,
+    /// No guard at all
     None,
 }
 
 impl Contender {
-    pub const ALL: [Self; 3] = [Self::BridgeGuard, Self::Shell, Self::None];
+    pub const ALL: [Self; 4] = [Self::BridgeGuard, Self::Oracle, Self::Shell, Self::None];
 
     pub fn key(self) -> &'static str {
         match self {
             Self::BridgeGuard => "bridge-guard",
+            Self::Oracle => "oracle",
             Self::Shell => "shell",
             Self::None => "none",
         }
@@ -67,6 +76,7 @@ impl Contender {
 pub struct Running {
     pub contender: Contender,
     proc: Option<Proc>,
+    oracle: Option<Oracle>,
     /// `host:port` of bridge-guard's metrics.
     pub metrics: Option<String>,
     pub ready_line: String,
@@ -179,22 +189,30 @@ pub fn metrics_addr(ready: &str) -> Option<String> {
 }
 
 impl Running {
-    /// Starts `contender` in the lab's host namespace and waits until it is ready.
+    /// Starts `contender` in the lab's host namespace, guarding bridge `br0` with VM `ports`,
+    /// and waits until it is ready.
     pub fn start(
         contender: Contender,
-        ns: &NetNs,
+        (ns, ports): (&NetNs, &[String]),
         (bin, extra): (&Path, &[String]),
         obs: &mut Observer,
         host: &mut Rtnl,
         tmp: &TempDir,
     ) -> Result<Self> {
+        let nothing = Self {
+            contender,
+            proc: None,
+            oracle: None,
+            metrics: None,
+            ready_line: String::new(),
+            _state: None,
+        };
         match contender {
-            Contender::None => Ok(Self {
-                contender,
-                proc: None,
-                metrics: None,
-                ready_line: String::new(),
-                _state: None,
+            Contender::None => Ok(nothing),
+            Contender::Oracle => Ok(Self {
+                oracle: Some(Oracle::start(&ns.name, "br0", ports.to_vec())?),
+                ready_line: "oracle following notifications".to_owned(),
+                ..nothing
             }),
             Contender::BridgeGuard => {
                 let state = TempDir::on_tmpfs("bgb", &format!("state-{}", ns.name))?;
@@ -203,11 +221,11 @@ impl Running {
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let (proc, ready_line, _) = spawn_agent(ns, bin, &args, obs.sender())?;
                 Ok(Self {
-                    contender,
                     metrics: metrics_addr(&ready_line),
                     proc: Some(proc),
                     ready_line,
                     _state: Some(state),
+                    ..nothing
                 })
             }
             Contender::Shell => {
@@ -241,19 +259,34 @@ impl Running {
                     bail!("the shell guard never answered a link notification");
                 }
                 Ok(Self {
-                    contender,
                     proc: Some(proc),
-                    metrics: None,
                     ready_line: "ip monitor loop answering".to_owned(),
-                    _state: None,
+                    ..nothing
                 })
             }
         }
     }
 
-    /// CPU used so far, in ms: the agent's utime+stime; for the shell guard, every process of
-    /// its group with the fix scripts it waited for.
+    /// Tells the contender which fault comes next, if it is one that is told (the oracle).
+    pub fn arm(&self, fault: Fault) {
+        if let Some(o) = &self.oracle {
+            o.arm(fault);
+        }
+    }
+
+    /// Repairs the oracle sent and requests of them the kernel refused.
+    pub fn oracle_tally(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = &self.oracle.as_ref()?.tally;
+        Some((t.repairs.load(Relaxed), t.refused.load(Relaxed)))
+    }
+
+    /// CPU used so far, in ms: the agent's utime+stime; the oracle thread's; for the shell
+    /// guard, every process of its group with the fix scripts it waited for.
     pub fn cpu_ms(&self) -> Option<f64> {
+        if let Some(o) = &self.oracle {
+            return o.cpu_ms();
+        }
         let p = self.proc.as_ref()?;
         match self.contender {
             Contender::BridgeGuard => stats::cpu_ms(p.pid()),
@@ -264,13 +297,22 @@ impl Running {
     /// Peak resident memory in KiB: the agent's VmHWM; for the shell guard the sum over its
     /// long-lived processes.
     pub fn peak_rss_kib(&self) -> Option<u64> {
+        self.rss_kib("VmHWM")
+    }
+
+    /// Resident memory now in KiB (VmRSS), counted as [`Self::peak_rss_kib`].
+    pub fn rss_now_kib(&self) -> Option<u64> {
+        self.rss_kib("VmRSS")
+    }
+
+    fn rss_kib(&self, field: &str) -> Option<u64> {
         let p = self.proc.as_ref()?;
         match self.contender {
-            Contender::BridgeGuard => stats::status_kib(p.pid(), "VmHWM"),
+            Contender::BridgeGuard => stats::status_kib(p.pid(), field),
             _ => Some(
                 p.group_pids()
                     .iter()
-                    .filter_map(|pid| stats::status_kib(*pid, "VmHWM"))
+                    .filter_map(|pid| stats::status_kib(*pid, field))
                     .sum(),
             ),
         }

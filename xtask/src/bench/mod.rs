@@ -1,22 +1,34 @@
-//! `cargo xtask bench`: bridge-guard against the shell guard users write today, and against no
-//! guard, on the same faults in a network-namespace lab, measured from link notifications.
+//! `cargo xtask bench`: bridge-guard against the least any guard could do (the oracle), the
+//! shell guard users write today, and no guard, on the same faults in a network-namespace lab,
+//! measured from link notifications.
 //!
-//! - `lab` (crate level) builds the namespaces, `faults` injects and restores, `monitor` turns
-//!   notifications into outages, `contenders` runs the guards, `pipeline` measures the agent's
-//!   event path on its own, `report` and `svg` write the results.
+//! - `lab` (crate level) builds the namespaces, `faults` injects and restores, `monitor` and
+//!   `observer` turn notifications into outages, `contenders` runs the guards (`oracle` is
+//!   one), `rtnl` speaks netlink.
+//! - The modes: `storm` (faults back to back), `fighter` (a flat-out fighter re-enabling STP),
+//!   `loops` (a guest that bridges its two NICs), `paced` (faults spaced), `pipeline` (the
+//!   agent's event path on its own).
+//! - `report` and `targets` turn trials into results, `markdown` and `svg` write them.
 
 pub mod contenders;
 pub mod faults;
+mod fighter;
+mod loops;
 mod machine;
 mod markdown;
 pub mod monitor;
 pub mod observer;
+mod oracle;
+mod paced;
 mod pipeline;
 mod report;
 pub mod rtnl;
 pub mod sched;
 pub mod stats;
+mod storm;
 mod svg;
+mod targets;
+mod watched;
 
 use std::{
     path::{Path, PathBuf},
@@ -26,44 +38,121 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 
 use self::{
-    contenders::{Contender, Running},
-    faults::{BenchLab, Fault},
-    observer::{Observer, Outcome},
-    report::{Report, RunCost, Settings, Trial},
+    contenders::Contender,
+    report::{Mode, Report, Settings},
 };
-use crate::lab::{TempDir, http_get};
+use crate::lab::TempDir;
+
+/// What `--help` adds after the options: the modes, the method and the targets.
+const HELP: &str = "\
+Modes (all by default; pick with --only):
+  storm     every fault class back to back for --storm-secs each: the next fault goes in as
+            soon as a notification shows the last one repaired, or after --storm-bound when it
+            is not (then it counts as unrepaired and the bench restores the lab). Leads the
+            results.
+  fighter   a thread re-enables STP on the bridge flat out for --fight-secs; bridge-guard's
+            and the shell guard's CPU share (utime+stime), log lines, and time to healthy (STP
+            off, all forwarding) after the fighter's last request.
+  loop      a VM namespace bridges its two veths (vnetA, vnetB on the guarded bridge): time
+            from the loop forming to a loop port out of forwarding, and the frames through the
+            loop before. The bench ends the loop itself after --loop-wait or --loop-packets.
+  paced     each fault on a quiet lab, --repeat times per contender and lab size (--vms).
+  pipeline  the agent alone: idle CPU, zero-loss event rate, kernel-to-user delay.
+
+Contenders: bridge-guard; the oracle (a raw-netlink thread told the fault class in advance,
+which sends the one right repair on the first notification showing it: bridge-guard ÷ oracle
+is the agent's own overhead); the shell guard (`ip monitor` into a fix script); no guard.
+
+Method: faults are injected through in-process rtnetlink, timestamped right before the
+request; outages end at the link notification after which the bridge is up with carrier and
+every VM port enslaved and forwarding, stamped by a SCHED_FIFO thread when it arrives.
+\"From the fault in place\" starts at the fault's last request or first notification,
+whichever is later. Memory: the agent's VmRSS once settled and VmHWM at the end of each run.
+
+Targets (4 VMs, 2 cores): storm 0 unrepaired, median < 1 ms and p99 < 5 ms from the fault in
+place; fighter < 5% of one CPU, <= 1 log line/s, healthy within 100 ms of the end; paced median
+< 1 ms from injection and <= 1.25x the oracle; peak RSS < 20 MiB; a loop port out of
+forwarding within 10 ms.
+
+Timings on a shared machine include contention: publish only runs made when `uptime` shows a
+load under 0.5 (the results record the load and the busiest other processes).";
+
+/// A part of the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Storm,
+    Fighter,
+    Loop,
+    Paced,
+    Pipeline,
+}
+
+impl Part {
+    const ALL: [Self; 5] = [
+        Self::Storm,
+        Self::Fighter,
+        Self::Loop,
+        Self::Paced,
+        Self::Pipeline,
+    ];
+}
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
+#[command(after_long_help = HELP)]
 pub struct Args {
-    /// Lab sizes to run, as VMs per lab, comma-separated [default: 4,64; --quick: 4].
+    /// Only these parts (repeatable) [default: all]. A partial run does not write
+    /// docs/benchmarks.md unless --docs is given.
+    #[arg(long, value_enum, value_name = "PART")]
+    only: Vec<Part>,
+    /// Lab sizes of the paced mode, as VMs per lab, comma-separated [default: 4,64; --quick: 4].
     #[arg(long, value_delimiter = ',', value_name = "N,...")]
     vms: Option<Vec<usize>>,
-    /// Times each fault is injected per contender and lab size [default: 20; --quick: 5].
+    /// VMs in the storm, fighter and loop labs, and the lab size the targets apply to.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    storm_vms: usize,
+    /// Seconds of back-to-back faults per fault class and contender [default: 10; --quick: 1.5].
+    #[arg(long, value_name = "SECS")]
+    storm_secs: Option<f64>,
+    /// Seconds after which a storm fault counts as unrepaired (also the fighter's bound on
+    /// the time to healthy) [default: 8; --quick: 5].
+    #[arg(long, value_name = "SECS")]
+    storm_bound: Option<f64>,
+    /// Seconds the fighter fights [default: 5; --quick: 2].
+    #[arg(long, value_name = "SECS")]
+    fight_secs: Option<f64>,
+    /// Seconds a guest loop may last before the bench ends it [default: 2; --quick: 1].
+    #[arg(long, value_name = "SECS")]
+    loop_wait: Option<f64>,
+    /// Frames through a guest loop after which the bench ends it.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
+    loop_packets: u64,
+    /// Times each fault is injected per contender and lab size in the paced mode
+    /// [default: 20; --quick: 2].
     #[arg(long, value_name = "R")]
     repeat: Option<usize>,
-    /// Times each fault is injected with no guard, where most faults last until --timeout
-    /// [default: 2, at most --repeat; --quick: 1].
+    /// Times each fault is injected with no guard in the paced mode, where most faults last
+    /// until --timeout [default: 2, at most --repeat; --quick: 1].
     #[arg(long, value_name = "R")]
     none_repeat: Option<usize>,
-    /// Seconds after which a fault counts as not healed [default: 10; --quick: 6].
+    /// Seconds after which a paced fault counts as not healed [default: 10; --quick: 5].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
     /// Seconds the agent is watched doing nothing, for its idle CPU [default: 10; --quick: 3].
     #[arg(long, value_name = "SECS")]
     idle: Option<u64>,
-    /// A short run (about 3 minutes): 4 VMs, 5 repetitions, fewer load steps. Does not write
-    /// docs/benchmarks.md unless --docs is given.
+    /// A short smoke run (about 3 minutes): 4 VMs, short storms and fights, 2 paced
+    /// repetitions, fewer load steps. Does not write docs/benchmarks.md unless --docs is given.
     #[arg(long)]
     quick: bool,
-    /// Skip the pipeline measurements (idle CPU, event rate, kernel-to-user delay).
+    /// Skip the pipeline measurements (the same as leaving `pipeline` out of --only).
     #[arg(long)]
     no_pipeline: bool,
     /// Where bench.json, bench.md and bench.svg go.
     #[arg(long, value_name = "DIR", default_value = "target/bench")]
     out: PathBuf,
     /// Also write the results here (and the chart beside it, as .svg)
-    /// [default: docs/benchmarks.md on full runs].
+    /// [default: docs/benchmarks.md on full runs of every part].
     #[arg(long, value_name = "PATH")]
     docs: Option<PathBuf>,
     /// Do not write docs/benchmarks.md.
@@ -76,8 +165,8 @@ pub struct Args {
     /// `--agent-arg=--no-ebpf` or `--agent-arg=--log-level=warn`.
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
     agent_arg: Vec<String>,
-    /// Only these contenders (repeatable) [default: all three]. The targets that compare with
-    /// the shell guard need it.
+    /// Only these contenders (repeatable) [default: all four]. The targets that compare with
+    /// the shell guard or the oracle need them.
     #[arg(long, value_enum, value_name = "NAME")]
     contender: Vec<Contender>,
     /// Run nothing: write the markdown, chart and docs again from an earlier run's bench.json.
@@ -87,32 +176,75 @@ pub struct Args {
 
 /// The run, with every default resolved.
 struct Plan {
+    parts: Vec<Part>,
+    storm_vms: usize,
+    storm: storm::Plan,
+    fighter: fighter::Plan,
+    loops: loops::Plan,
     vms: Vec<usize>,
-    repeat: usize,
-    none_repeat: usize,
-    timeout: Duration,
-    quiet: Duration,
-    spacing: Duration,
-    pipeline: Option<pipeline::Plan>,
+    paced: paced::Plan,
+    pipeline: pipeline::Plan,
     contenders: Vec<Contender>,
     quick: bool,
+}
+
+fn secs(v: Option<f64>, full: f64, quick: f64, q: bool, flag: &str) -> Result<Duration> {
+    let s = v.unwrap_or(if q { quick } else { full });
+    if !(s.is_finite() && s > 0.0 && s <= 3600.0) {
+        bail!("{flag} takes seconds from 0 to 3600, e.g. {flag} {full}, not {s}");
+    }
+    Ok(Duration::from_secs_f64(s))
 }
 
 impl Plan {
     fn new(a: &Args) -> Result<Self> {
         let q = a.quick;
-        let repeat = a.repeat.unwrap_or(if q { 5 } else { 20 });
+        let quiet = Duration::from_millis(250);
+        let repeat = a.repeat.unwrap_or(if q { 2 } else { 20 });
+        let mut parts: Vec<Part> = if a.only.is_empty() {
+            Part::ALL.to_vec()
+        } else {
+            Part::ALL
+                .into_iter()
+                .filter(|p| a.only.contains(p))
+                .collect()
+        };
+        if a.no_pipeline {
+            parts.retain(|p| *p != Part::Pipeline);
+        }
+        let bound = secs(a.storm_bound, 8.0, 5.0, q, "--storm-bound")?;
         let plan = Self {
+            parts,
+            storm_vms: a.storm_vms,
+            storm: storm::Plan {
+                per_class: secs(a.storm_secs, 10.0, 1.5, q, "--storm-secs")?,
+                bound,
+                quiet,
+            },
+            fighter: fighter::Plan {
+                secs: secs(a.fight_secs, 5.0, 2.0, q, "--fight-secs")?,
+                bound,
+                quiet,
+            },
+            loops: loops::Plan {
+                vms: a.storm_vms,
+                wait: secs(a.loop_wait, 2.0, 1.0, q, "--loop-wait")?,
+                packet_cap: a.loop_packets,
+                quiet,
+            },
             vms: a
                 .vms
                 .clone()
                 .unwrap_or_else(|| if q { vec![4] } else { vec![4, 64] }),
-            repeat,
-            none_repeat: a.none_repeat.unwrap_or(if q { 1 } else { 2 }).min(repeat),
-            timeout: Duration::from_secs(a.timeout.unwrap_or(if q { 6 } else { 10 })),
-            quiet: Duration::from_millis(250),
-            spacing: Duration::from_millis(1100),
-            pipeline: (!a.no_pipeline).then(|| pipeline::Plan {
+            paced: paced::Plan {
+                repeat,
+                none_repeat: a.none_repeat.unwrap_or(if q { 1 } else { 2 }).min(repeat),
+                timeout: Duration::from_secs(a.timeout.unwrap_or(if q { 5 } else { 10 })),
+                quiet,
+                spacing: Duration::from_millis(1100),
+                contenders: Vec::new(),
+            },
+            pipeline: pipeline::Plan {
                 idle: Duration::from_secs(a.idle.unwrap_or(if q { 3 } else { 10 })),
                 rates: if q {
                     vec![Some(2_000), Some(10_000), None]
@@ -132,208 +264,107 @@ impl Plan {
                     ("spaced", 100, Duration::from_secs(if q { 1 } else { 2 })),
                     ("loaded", 5_000, Duration::from_secs(1)),
                 ],
-            }),
+            },
             contenders: if a.contender.is_empty() {
                 Contender::ALL.to_vec()
             } else {
-                a.contender.clone()
+                Contender::ALL
+                    .into_iter()
+                    .filter(|c| a.contender.contains(c))
+                    .collect()
             },
             quick: q,
         };
         if plan.vms.is_empty() || plan.vms.iter().any(|n| !(1..=250).contains(n)) {
             bail!("--vms takes lab sizes from 1 to 250, e.g. --vms 4,64");
         }
-        if plan.repeat == 0 {
+        if !(1..=250).contains(&plan.storm_vms) {
+            bail!("--storm-vms takes a lab size from 1 to 250, e.g. --storm-vms 4");
+        }
+        if plan.paced.repeat == 0 {
             bail!("--repeat must be at least 1");
         }
-        Ok(plan)
+        if plan.loops.packet_cap == 0 {
+            bail!("--loop-packets must be at least 1, e.g. --loop-packets 100000");
+        }
+        Ok(Self {
+            paced: paced::Plan {
+                contenders: plan.contenders.clone(),
+                ..plan.paced
+            },
+            ..plan
+        })
     }
 
-    /// A rough duration, from what each trial costs on a quiet machine.
+    fn has(&self, p: Part) -> bool {
+        self.parts.contains(&p)
+    }
+
+    /// The fighter's contenders: the guards (no guard and the oracle do not fight).
+    fn fighters(&self) -> Vec<Contender> {
+        self.contenders
+            .iter()
+            .copied()
+            .filter(|c| matches!(c, Contender::BridgeGuard | Contender::Shell))
+            .collect()
+    }
+
+    /// A rough duration, from what each part costs on a quiet machine.
     fn estimate(&self) -> Duration {
-        let t = self.timeout.as_secs_f64();
-        let gap = self.spacing.as_secs_f64();
-        // Per trial: the quiet wait, plus the restore and settle before it.
-        let over = self.quiet.as_secs_f64() + 0.3;
-        let mut secs = 0.0;
-        for &n in &self.vms {
-            #[expect(clippy::cast_precision_loss, reason = "estimate")]
-            let setup = 4.0 + 0.1 * n as f64;
-            #[expect(clippy::cast_precision_loss, reason = "estimate")]
-            let (r, nr) = (self.repeat as f64, self.none_repeat as f64);
-            // bridge-guard: paced trials; shell and no guard: 4 s of STP timers on two faults,
-            // and no guard the timeout on the other three.
-            let bg = 3.0 + r * 5.0 * gap;
-            let shell = 1.0 + r * (3.0 * (0.05 + over) + 2.0 * (4.05 + over));
-            let none = nr * (2.0 * (4.05 + over) + 3.0 * (t + over + 0.3));
-            secs += setup + bg + shell + none;
+        let mut total = Duration::ZERO;
+        if self.has(Part::Storm) {
+            total += Duration::from_secs(5);
+            for c in &self.contenders {
+                // Classes a contender never repairs wait for the bound; STP classes the shell
+                // guard and no guard leave to STP's 4 s.
+                let (never, slow) = match c {
+                    Contender::BridgeGuard | Contender::Oracle => (0, 0),
+                    Contender::Shell => (0, 2),
+                    Contender::None => (3, 2),
+                };
+                total += self.storm.estimate(never, slow) + Duration::from_secs(3);
+                if *c == Contender::Shell {
+                    // Its backlog of fix runs drains before the next class settles.
+                    total += self.storm.per_class * 6;
+                }
+            }
         }
-        if let Some(p) = &self.pipeline {
+        if self.has(Part::Fighter) {
+            #[expect(clippy::cast_possible_truncation, reason = "two contenders")]
+            let n = self.fighters().len() as u32;
+            total += Duration::from_secs(3) + (self.fighter.secs + Duration::from_secs(4)) * n;
+        }
+        if self.has(Part::Loop) && self.contenders.contains(&Contender::BridgeGuard) {
+            total += Duration::from_secs(8) + self.loops.wait;
+        }
+        if self.has(Part::Paced) {
+            for &n in &self.vms {
+                total += self.paced.estimate(n);
+            }
+        }
+        if self.has(Part::Pipeline) && self.contenders.contains(&Contender::BridgeGuard) {
+            let p = &self.pipeline;
             #[expect(clippy::cast_precision_loss, reason = "estimate")]
             let steps = p.rates.len() as f64;
             let latency: f64 = p.latency_runs.iter().map(|r| r.2.as_secs_f64() + 1.0).sum();
-            secs += 15.0 + p.idle.as_secs_f64() + steps * (p.step.as_secs_f64() + 1.5) + latency;
+            total += Duration::from_secs_f64(
+                15.0 + p.idle.as_secs_f64() + steps * (p.step.as_secs_f64() + 1.5) + latency,
+            );
         }
-        Duration::from_secs_f64(secs)
+        total
     }
 }
 
+/// A progress line on stderr, stamped with the time since the bench started.
 fn progress(line: &str) {
-    eprintln!("{line}");
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[{t:6.1} s] {line}");
 }
 
-/// One lab size: every contender on every fault.
-fn fault_phase(
-    plan: &Plan,
-    n: usize,
-    (bin, extra): (&Path, &[String]),
-    tmp: &TempDir,
-    trials: &mut Vec<Trial>,
-    costs: &mut Vec<RunCost>,
-) -> Result<()> {
-    progress(&format!(
-        "bench: N={n}: building the lab ({n} VM namespaces)"
-    ));
-    let mut lab = BenchLab::new("bgb", &format!("n{n}"), n)?;
-    faults::restore(&mut lab, false)?;
-    let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), lab.lab.ports())?;
-    obs.settle(plan.quiet, Duration::from_secs(30))?;
-    for contender in Contender::ALL
-        .into_iter()
-        .filter(|c| plan.contenders.contains(c))
-    {
-        let reps = if contender == Contender::None {
-            plan.none_repeat
-        } else {
-            plan.repeat
-        };
-        progress(&format!(
-            "bench: N={n} contender={}: starting{}",
-            contender.key(),
-            if contender == Contender::None {
-                format!(" ({reps} repetitions per fault: no guard heals most faults never)")
-            } else {
-                String::new()
-            }
-        ));
-        let running = Running::start(
-            contender,
-            &lab.lab.host,
-            (bin, extra),
-            &mut obs,
-            &mut lab.host,
-            tmp,
-        )?;
-        if !obs.healthy() {
-            faults::restore(&mut lab, false)?;
-        }
-        obs.settle(plan.quiet, Duration::from_secs(30))?;
-        let cpu0 = running.cpu_ms();
-        let mut next_injection: Option<Instant> = None;
-        let mut count = 0;
-        for fault in Fault::ALL {
-            let mut outages = Vec::new();
-            for rep in 0..reps {
-                if contender == Contender::None || !obs.healthy() {
-                    faults::restore(&mut lab, false)?;
-                }
-                if let Err(e) = obs.settle(plan.quiet, Duration::from_secs(15)) {
-                    progress(&format!("bench: {e:#}; restoring the lab"));
-                    faults::restore(&mut lab, false)?;
-                    obs.settle(plan.quiet, Duration::from_secs(30))?;
-                }
-                // Pacing, not waiting: bridge-guard never needs the same repair again within
-                // its 1 s backoff window of the last one.
-                if let Some(at) = next_injection.filter(|_| contender == Contender::BridgeGuard) {
-                    let now = Instant::now();
-                    if at > now {
-                        std::thread::sleep(at - now);
-                    }
-                }
-                obs.drain_guard_lines();
-                let injected = Instant::now();
-                let at = faults::inject(&mut lab, &mut obs, fault, rep)?;
-                let m = obs.measure(at.t0, plan.timeout, plan.quiet)?;
-                // The measurement ended `quiet` after the last repair.
-                next_injection = Some(
-                    (injected + plan.spacing)
-                        .max(Instant::now() + plan.spacing.saturating_sub(plan.quiet)),
-                );
-                count += 1;
-                let outage = match &m.outcome {
-                    Outcome::Healed { outage_ns } => Some(*outage_ns),
-                    _ => None,
-                };
-                outages.push(outage);
-                let shown = match &m.outcome {
-                    Outcome::Healed { outage_ns } => stats::human_ns(*outage_ns),
-                    Outcome::NotHealed { why } => {
-                        format!("not healed after {:?} ({why})", plan.timeout)
-                    }
-                    Outcome::NotObserved => "fault never showed in a notification".to_owned(),
-                };
-                progress(&format!(
-                    "bench: N={n} fault={} contender={} {}/{reps} outage {shown}",
-                    fault.key(),
-                    contender.key(),
-                    rep + 1,
-                ));
-                let repairs = m
-                    .guard_lines
-                    .iter()
-                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                    .filter_map(|v| v["message"].as_str().map(str::to_owned))
-                    .filter(|msg| msg.starts_with("repaired:"))
-                    .collect();
-                trials.push(Trial {
-                    vms: n,
-                    fault,
-                    contender,
-                    rep,
-                    outage_ns: outage,
-                    last_step_ns: at.last - at.t0,
-                    observed: !matches!(m.outcome, Outcome::NotObserved),
-                    first_unhealthy_ns: m.first_unhealthy_ns,
-                    episodes: m.episodes,
-                    first_problem: m.first_problem.clone(),
-                    carrier_queried: m.carrier_queried,
-                    overrun: m.overrun,
-                    repairs,
-                    guard_lines: m.guard_lines.len(),
-                });
-                if outage.is_none() {
-                    faults::restore(&mut lab, false)?;
-                }
-            }
-            progress(&format!(
-                "bench: N={n} fault={} contender={}: {}",
-                fault.key(),
-                contender.key(),
-                report::short(&outages)
-            ));
-        }
-        let repair_latency = match &running.metrics {
-            Some(addr) => http_get(&lab.lab.host.name, addr, "/metrics")
-                .map(|t| pipeline::repair_latencies(&t))
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
-        costs.push(RunCost {
-            vms: n,
-            contender,
-            trials: count,
-            cpu_ms: running.cpu_ms().zip(cpu0).map(|(a, b)| a - b),
-            peak_rss_kib: running.peak_rss_kib(),
-            ready_line: running.ready_line.clone(),
-            repair_latency,
-        });
-        drop(running);
-    }
-    Ok(())
-}
-
-/// Where the results go: `--out`, and the docs file unless this is a quick run or --no-docs.
-fn destinations(args: &Args, quick: bool) -> (PathBuf, Option<PathBuf>) {
+/// Where the results go: `--out`, and the docs file unless this is a quick or partial run or
+/// --no-docs.
+fn destinations(args: &Args, partial: bool) -> (PathBuf, Option<PathBuf>) {
     let root = crate::workspace_root();
     let abs = |p: &Path| {
         if p.is_absolute() {
@@ -342,12 +373,25 @@ fn destinations(args: &Args, quick: bool) -> (PathBuf, Option<PathBuf>) {
             root.join(p)
         }
     };
-    let docs = match (&args.docs, args.no_docs || quick) {
+    let docs = match (&args.docs, args.no_docs || partial) {
         (Some(d), _) => Some(abs(d)),
         (None, false) => Some(root.join("docs/benchmarks.md")),
         (None, true) => None,
     };
     (abs(&args.out), docs)
+}
+
+/// Writes the outputs and prints the tables.
+fn publish(args: &Args, report: &Report, partial: bool) -> Result<(PathBuf, Option<PathBuf>)> {
+    let (out, docs) = destinations(args, partial);
+    let chart = svg::chart(
+        &report.cells,
+        &report.settings.vms,
+        report.settings.timeout_s,
+    );
+    report::write(report, &out, &chart, docs.as_deref())?;
+    println!("{}", markdown::summary(report));
+    Ok((out, docs))
 }
 
 /// `--render`: the outputs again from a saved bench.json.
@@ -356,15 +400,8 @@ fn render(args: &Args, json: &Path) -> Result<()> {
         std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?;
     let report: Report = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a bench.json of this version", json.display()))?;
-    let (out, docs) = destinations(args, report.settings.quick);
-    let chart = svg::chart(
-        &report.cells,
-        &report.settings.vms,
-        report.settings.timeout_s,
-    );
-    report::write(&report, &out, &chart, docs.as_deref())?;
-    println!("{}", markdown::results(&report));
-    println!("\n{}", markdown::targets(&report));
+    let partial = report.settings.quick || report.settings.partial;
+    let (out, docs) = publish(args, &report, partial)?;
     progress(&format!(
         "bench: rendered {} into {}{}",
         json.display(),
@@ -372,6 +409,22 @@ fn render(args: &Args, json: &Path) -> Result<()> {
         docs.map_or_else(String::new, |d| format!(" and {}", d.display()))
     ));
     Ok(())
+}
+
+/// Replaces this unoptimised xtask by an optimised one with the same arguments: the bench's
+/// link monitor and oracle parse every notification, and unoptimised they would be slower than
+/// the agent they measure and take CPU from it.
+fn run_optimised() -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    progress(
+        "bench: building xtask with optimisations, so that the measuring threads and the oracle run at full speed",
+    );
+    crate::run(crate::cargo().args(["build", "--quiet", "--release", "-p", "xtask"]))?;
+    let exe = crate::target_dir().join("release").join("xtask");
+    let err = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).with_context(|| format!("running {}", exe.display()))
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -384,19 +437,36 @@ pub fn run(args: &Args) -> Result<()> {
              hooks. Run `sudo -E cargo xtask bench`"
         );
     }
-    crate::lab::install_signal_cleanup("bench")?;
     let plan = Plan::new(args)?;
+    if cfg!(debug_assertions) {
+        return run_optimised();
+    }
+    crate::lab::install_signal_cleanup("bench")?;
     let command = std::env::args()
         .skip(1)
         .fold("cargo xtask".to_owned(), |s, a| format!("{s} {a}"));
+    let partial = plan.parts.len() < Part::ALL.len() || plan.contenders.len() < 4;
     progress(&format!(
-        "bench: {} run: labs of {:?} VMs, {} repetitions per fault ({} without a guard), timeout {:?}; estimated {:.0} min on a quiet 2-core machine",
+        "bench: {} run of {}; contenders {}; estimated {} on a quiet 2-core machine",
         if plan.quick { "quick" } else { "full" },
-        plan.vms,
-        plan.repeat,
-        plan.none_repeat,
-        plan.timeout,
-        plan.estimate().as_secs_f64() / 60.0
+        plan.parts
+            .iter()
+            .map(|p| format!("{p:?}").to_lowercase())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.contenders
+            .iter()
+            .map(|c| c.key())
+            .collect::<Vec<_>>()
+            .join(", "),
+        {
+            let e = plan.estimate().as_secs_f64();
+            if e < 120.0 {
+                format!("{e:.0} s")
+            } else {
+                format!("{:.0} min", e / 60.0)
+            }
+        }
     ));
     let bin = match &args.agent {
         Some(p) => p.clone(),
@@ -413,54 +483,100 @@ pub fn run(args: &Args) -> Result<()> {
     let mut machine = machine::collect(&bin);
     let sampler = machine::LoadSampler::start();
     let tmp = TempDir::new("bgb", "work")?;
+    let agent = (bin.as_path(), args.agent_arg.as_slice());
+    let bg = plan.contenders.contains(&Contender::BridgeGuard);
+    let step = |what: &str| progress(&format!("bench: {what}"));
+
     let mut trials = Vec::new();
     let mut costs = Vec::new();
-    for &n in &plan.vms {
-        fault_phase(
-            &plan,
-            n,
-            (&bin, &args.agent_arg),
+    if plan.has(Part::Storm) {
+        step("storm: faults back to back");
+        let (t, c) = storm::phase(
+            &plan.storm,
+            (plan.storm_vms, &plan.contenders),
+            agent,
             &tmp,
-            &mut trials,
-            &mut costs,
+            &progress,
         )?;
+        trials.extend(t);
+        costs.extend(c);
     }
-    let pipeline = match &plan.pipeline {
-        Some(p) => Some(pipeline::run(p, (&bin, &args.agent_arg), &progress)?),
-        None => None,
+    let fights = if plan.has(Part::Fighter) && !plan.fighters().is_empty() {
+        step("fighter: STP re-enabled flat out");
+        fighter::phase(
+            &plan.fighter,
+            (plan.storm_vms, &plan.fighters()),
+            agent,
+            &tmp,
+            &progress,
+        )?
+    } else {
+        Vec::new()
+    };
+    let loop_run = if plan.has(Part::Loop) && bg {
+        step("loop: a guest bridging its two NICs");
+        Some(loops::run(&plan.loops, agent, &tmp, &progress)?)
+    } else {
+        None
+    };
+    if plan.has(Part::Paced) {
+        for &n in &plan.vms {
+            step(&format!("paced: {n} VMs"));
+            let r = paced::run(&plan.paced, n, agent, &tmp, &progress)?;
+            trials.extend(r.trials);
+            costs.extend(r.costs);
+        }
+    }
+    let pipeline = if plan.has(Part::Pipeline) && bg {
+        step("pipeline: the agent alone");
+        Some(pipeline::run(&plan.pipeline, agent, &progress)?)
+    } else {
+        None
     };
     machine.finish(cpu_start);
     machine.other_load = sampler.finish();
-    let cells = report::cells(&trials, &plan.vms);
-    let targets = report::targets(&cells, pipeline.as_ref());
-    let report = Report {
+    let vms = if plan.has(Part::Paced) {
+        plan.vms.clone()
+    } else {
+        Vec::new()
+    };
+    let mut report = Report {
         command,
         started_unix,
         duration_s: started.elapsed().as_secs_f64(),
         settings: Settings {
-            vms: plan.vms.clone(),
-            repeat: plan.repeat,
-            none_repeat: plan.none_repeat,
-            timeout_s: plan.timeout.as_secs(),
-            quiet_ms: u64::try_from(plan.quiet.as_millis()).unwrap_or(0),
-            spacing_ms: u64::try_from(plan.spacing.as_millis()).unwrap_or(0),
+            vms: vms.clone(),
+            repeat: plan.paced.repeat,
+            none_repeat: plan.paced.none_repeat,
+            timeout_s: plan.paced.timeout.as_secs(),
+            quiet_ms: u64::try_from(plan.paced.quiet.as_millis()).unwrap_or(0),
+            spacing_ms: u64::try_from(plan.paced.spacing.as_millis()).unwrap_or(0),
             quick: plan.quick,
             agent_args: args.agent_arg.clone(),
+            partial,
+            storm_vms: plan.storm_vms,
+            storm_secs: plan.storm.per_class.as_secs_f64(),
+            storm_bound_s: plan.storm.bound.as_secs_f64(),
+            fight_secs: plan.fighter.secs.as_secs_f64(),
+            loop_wait_s: plan.loops.wait.as_secs_f64(),
+            loop_packets: plan.loops.packet_cap,
         },
         machine,
-        cells,
+        cells: report::cells(&trials, &vms, Mode::Paced),
+        storm_cells: report::cells(&trials, &[plan.storm_vms], Mode::Storm),
         costs,
         pipeline,
-        targets,
+        fights,
+        loop_run,
+        memory: Vec::new(),
+        targets: Vec::new(),
         trials,
         shell_fix_script: contenders::FIX_SCRIPT.to_owned(),
         shell_monitor_loop: contenders::MONITOR_LOOP.to_owned(),
     };
-    let (out, docs) = destinations(args, plan.quick);
-    let chart = svg::chart(&report.cells, &plan.vms, plan.timeout.as_secs());
-    report::write(&report, &out, &chart, docs.as_deref())?;
-    println!("{}", markdown::results(&report));
-    println!("\n{}", markdown::targets(&report));
+    report.memory = report::memory(&report);
+    report.targets = targets::all(&report);
+    let (out, docs) = publish(args, &report, partial || plan.quick)?;
     progress(&format!(
         "bench: done in {:.0} s; results in {}{}",
         report.duration_s,

@@ -41,8 +41,11 @@ pub struct PortView {
 
 #[derive(Clone, Debug)]
 pub struct BridgeView {
+    pub ifindex: u32,
     pub up: bool,
     pub carrier: bool,
+    /// Kernel STP on, where the last message about the bridge said.
+    pub stp_on: Option<bool>,
 }
 
 /// The lab as of one notification.
@@ -109,14 +112,31 @@ pub enum Activity {
 }
 
 /// The model the thread keeps: every link of the namespace by ifindex.
-struct Model {
+pub(super) struct Model {
     bridge: String,
     ports: Vec<String>,
     links: HashMap<u32, LinkView>,
 }
 
 impl Model {
-    fn apply(&mut self, msg: &RouteNetlinkMessage) {
+    pub(super) fn new(bridge: &str, ports: Vec<String>) -> Self {
+        Self {
+            bridge: bridge.to_owned(),
+            ports,
+            links: HashMap::new(),
+        }
+    }
+
+    /// Applies every link message of a datagram of notifications.
+    pub(super) fn apply_datagram(&mut self, data: &[u8]) {
+        for m in rtnl::messages(data) {
+            if let NetlinkPayload::InnerMessage(msg) = m.payload {
+                self.apply(&msg);
+            }
+        }
+    }
+
+    pub(super) fn apply(&mut self, msg: &RouteNetlinkMessage) {
         match msg {
             RouteNetlinkMessage::NewLink(l)
                 if l.header.interface_family == AddressFamily::Bridge =>
@@ -156,7 +176,7 @@ impl Model {
         self.links.insert(v.ifindex, v);
     }
 
-    fn view(&self) -> LabView {
+    pub(super) fn view(&self) -> LabView {
         let by_name: HashMap<&str, &LinkView> =
             self.links.values().map(|l| (l.name.as_str(), l)).collect();
         let bridge = by_name
@@ -165,8 +185,10 @@ impl Model {
             .copied();
         LabView {
             bridge: bridge.map(|b| BridgeView {
+                ifindex: b.ifindex,
                 up: b.admin_up,
                 carrier: b.carrier,
+                stp_on: b.stp_on,
             }),
             ports: self
                 .ports
@@ -188,7 +210,7 @@ impl Model {
 
 /// Dumps every link into the model through `sock` (which may also carry notifications: they
 /// are applied in order too).
-fn dump(sock: &Socket, model: &mut Model, seq: u32) -> Result<()> {
+pub(super) fn dump(sock: &Socket, model: &mut Model, seq: u32) -> Result<()> {
     let req = rtnl::encode(
         RouteNetlinkMessage::GetLink(LinkMessage::default()),
         NLM_F_REQUEST | NLM_F_DUMP,
@@ -215,6 +237,38 @@ fn dump(sock: &Socket, model: &mut Model, seq: u32) -> Result<()> {
     }
 }
 
+/// What one receive on a subscribed socket brought.
+pub(super) enum Received {
+    /// A datagram of notifications, not yet applied.
+    Datagram(Vec<u8>),
+    /// Nothing within the socket's receive timeout.
+    Nothing,
+    /// Notifications were lost (ENOBUFS): the model was rebuilt from a dump.
+    Resynced,
+}
+
+/// Receives the next datagram on `sock`; after a loss, rebuilds `model` from a dump (with
+/// request number `seq`, bumped).
+pub(super) fn receive(sock: &Socket, model: &mut Model, seq: &mut u32) -> Result<Received> {
+    match rtnl::recv(sock) {
+        Ok(d) => Ok(Received::Datagram(d)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) =>
+        {
+            Ok(Received::Nothing)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+            *seq += 1;
+            dump(sock, model, *seq)?;
+            Ok(Received::Resynced)
+        }
+        Err(e) => Err(e).context("reading link notifications"),
+    }
+}
+
 /// The notification thread's work: runs until `stop`.
 fn watch(
     sock: &Socket,
@@ -226,30 +280,16 @@ fn watch(
     let mut seq = 1;
     let mut overrun = false;
     while !stop.load(Ordering::Relaxed) {
-        let data = match rtnl::recv(sock) {
-            Ok(d) => d,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+        let data = match receive(sock, model, &mut seq)? {
+            Received::Datagram(d) => d,
+            Received::Nothing => continue,
+            Received::Resynced => {
                 overrun = true;
-                seq += 1;
-                dump(sock, model, seq)?;
                 continue;
             }
-            Err(e) => return Err(e).context("reading link notifications"),
         };
         let t_ns = monotonic_ns();
-        for m in rtnl::messages(&data) {
-            if let NetlinkPayload::InnerMessage(msg) = m.payload {
-                model.apply(&msg);
-            }
-        }
+        model.apply_datagram(&data);
         let view = model.view();
         let mut problem = view.problem(&model.bridge);
         let mut carrier_queried = false;
@@ -286,6 +326,17 @@ fn watch(
     Ok(())
 }
 
+/// A socket of the calling thread's namespace subscribed to RTNLGRP_LINK, with a receive buffer
+/// no burst of these labs overruns.
+pub(super) fn subscribe() -> Result<Socket> {
+    let mut sock = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
+    sock.bind_auto().context("binding the netlink socket")?;
+    rtnl::force_rcvbuf(&sock, 32 << 20)?;
+    sock.add_membership(rtnl::RTNLGRP_LINK)
+        .context("subscribing to RTNLGRP_LINK")?;
+    Ok(sock)
+}
+
 /// Starts the notification thread in namespace `ns`, watching `bridge` and VM `ports`: every
 /// datagram becomes a [`Sample`] on `tx`. Returns once its first dump is in, with the flag that
 /// stops it.
@@ -297,11 +348,7 @@ pub fn spawn(
 ) -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let (ns_owned, thread_tx, thread_stop) = (ns.to_owned(), tx, Arc::clone(&stop));
-    let mut model = Model {
-        bridge: bridge.to_owned(),
-        ports,
-        links: HashMap::new(),
-    };
+    let mut model = Model::new(bridge, ports);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
     std::thread::Builder::new()
         .name("link-monitor".into())
@@ -315,11 +362,7 @@ pub fn spawn(
                          timestamps include scheduling delays"
                     );
                 }
-                let mut sock = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
-                sock.bind_auto().context("binding the netlink socket")?;
-                rtnl::force_rcvbuf(&sock, 32 << 20)?;
-                sock.add_membership(rtnl::RTNLGRP_LINK)
-                    .context("subscribing to RTNLGRP_LINK")?;
+                let sock = subscribe()?;
                 let mut q = Socket::new(NETLINK_ROUTE).context("netlink socket")?;
                 q.bind_auto().context("binding the netlink socket")?;
                 dump(&sock, &mut model, 1)?;
@@ -372,8 +415,10 @@ mod tests {
     fn health_needs_an_up_bridge_with_carrier_and_every_port_forwarding() {
         let mut v = LabView {
             bridge: Some(BridgeView {
+                ifindex: 1,
                 up: true,
                 carrier: true,
+                stp_on: Some(false),
             }),
             ports: vec![
                 port("vnet0", true, Some(PortState::Forwarding)),

@@ -245,6 +245,112 @@ impl Observer {
         Ok(m)
     }
 
+    /// Follows notifications from now on (the lab as last seen at `t_end`) until the lab has
+    /// been healthy for `quiet` with nothing happening, or `timeout` passes. With `stp_off`,
+    /// healthy also needs kernel STP off on the bridge. Returns how long after `t_end` the lab
+    /// became healthy for good (0 if it already was), `None` if it was not by the timeout, and
+    /// the guard lines seen meanwhile.
+    pub fn healthy_for_good(
+        &mut self,
+        t_end: u64,
+        timeout: Duration,
+        quiet: Duration,
+        stp_off: bool,
+    ) -> Result<(Option<u64>, usize)> {
+        let ok = |s: &Sample| {
+            s.healthy()
+                && (!stp_off
+                    || s.view
+                        .bridge
+                        .as_ref()
+                        .is_some_and(|b| b.stp_on == Some(false)))
+        };
+        let start = Instant::now();
+        let mut healthy = self.last.as_ref().is_some_and(ok);
+        let mut since = healthy.then_some(t_end);
+        let mut last_activity = Instant::now();
+        let mut lines = 0;
+        loop {
+            let now = Instant::now();
+            if healthy && now - last_activity >= quiet {
+                break;
+            }
+            if now - start >= timeout {
+                break;
+            }
+            let wait = if healthy {
+                quiet.saturating_sub(now - last_activity)
+            } else {
+                timeout.saturating_sub(now - start)
+            };
+            match self.recv_timeout(wait.max(Duration::from_micros(100))) {
+                Ok(Activity::Link(s)) => {
+                    last_activity = Instant::now();
+                    let now_ok = ok(&s);
+                    if now_ok && !healthy {
+                        since = Some(s.t_ns);
+                    }
+                    healthy = now_ok;
+                    self.last = Some(*s);
+                }
+                Ok(Activity::Guard { .. }) => {
+                    last_activity = Instant::now();
+                    lines += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => bail!("the link monitor stopped"),
+            }
+        }
+        let after = since.filter(|_| healthy).map(|t| t.saturating_sub(t_end));
+        Ok((after, lines))
+    }
+
+    /// Waits up to `timeout` for a notification after which `pred` holds; that sample, or
+    /// `None` if none came.
+    pub fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Sample) -> bool,
+    ) -> Result<Option<Sample>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            match self.recv_timeout(left) {
+                Ok(Activity::Link(s)) => {
+                    let hit = pred(&s);
+                    self.last = Some(*s);
+                    if hit {
+                        return Ok(self.last.clone());
+                    }
+                }
+                Ok(Activity::Guard { .. }) => {}
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => bail!("the link monitor stopped"),
+            }
+        }
+    }
+
+    /// Takes every notification and line of guard output until `until`: how many guard lines
+    /// came.
+    pub fn count_guard_lines_until(&mut self, until: Instant) -> Result<usize> {
+        let mut lines = 0;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(lines);
+            }
+            match self.recv_timeout(left) {
+                Ok(Activity::Link(s)) => self.last = Some(*s),
+                Ok(Activity::Guard { .. }) => lines += 1,
+                Err(RecvTimeoutError::Timeout) => return Ok(lines),
+                Err(RecvTimeoutError::Disconnected) => bail!("the link monitor stopped"),
+            }
+        }
+    }
+
     /// Waits up to `timeout` for a line of guard output; whether one came.
     pub fn wait_guard_line(&mut self, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now() + timeout;

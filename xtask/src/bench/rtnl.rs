@@ -83,6 +83,11 @@ pub struct LinkView {
     pub master: Option<u32>,
     /// From the bridge-port slave data, when the link is a bridge port.
     pub port_state: Option<PortState>,
+    /// Kernel or user STP on, for a bridge (its `IFLA_BR_STP_STATE`).
+    pub stp_on: Option<bool>,
+    /// Packets received and sent (`IFLA_STATS64`), when the message carries them.
+    pub rx_packets: u64,
+    pub tx_packets: u64,
 }
 
 /// Decodes an AF_UNSPEC link message.
@@ -97,10 +102,21 @@ pub fn link_view(msg: &LinkMessage) -> LinkView {
         match attr {
             LinkAttribute::IfName(n) => v.name.clone_from(n),
             LinkAttribute::Controller(m) if *m != 0 => v.master = Some(*m),
+            LinkAttribute::Stats64(st) => {
+                v.rx_packets = st.rx_packets;
+                v.tx_packets = st.tx_packets;
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     match info {
                         LinkInfo::Kind(InfoKind::Bridge) => v.is_bridge = true,
+                        LinkInfo::Data(InfoData::Bridge(data)) => {
+                            for d in data {
+                                if let InfoBridge::StpState(s) = d {
+                                    v.stp_on = Some(*s != BridgeStpState::Disabled);
+                                }
+                            }
+                        }
                         LinkInfo::PortData(InfoPortData::BridgePort(data)) => {
                             for d in data {
                                 if let InfoBridgePort::State(s) = d {
@@ -251,6 +267,133 @@ pub fn encode(msg: RouteNetlinkMessage, flags: u16, seq: u32) -> Vec<u8> {
     buf
 }
 
+/// A request to make, as a message with its netlink flags: what [`Rtnl`] sends one at a time
+/// and [`Rtnl::batch`] several in one datagram.
+#[derive(Clone, Debug)]
+pub struct Request {
+    msg: RouteNetlinkMessage,
+    flags: u16,
+    what: String,
+}
+
+impl Request {
+    fn set(msg: LinkMessage, what: String) -> Self {
+        Self {
+            msg: RouteNetlinkMessage::SetLink(msg),
+            flags: NLM_F_REQUEST | NLM_F_ACK,
+            what,
+        }
+    }
+
+    fn change(msg: LinkMessage, what: String) -> Self {
+        Self {
+            msg: RouteNetlinkMessage::NewLink(msg),
+            flags: NLM_F_REQUEST | NLM_F_ACK,
+            what,
+        }
+    }
+
+    /// What `ip` command this is, for error messages.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// `ip link set NAME up|down`.
+    pub fn set_up(name: &str, up: bool) -> Self {
+        let mut m = by_name(name);
+        if up {
+            m.header.flags |= LinkFlags::Up;
+        }
+        m.header.change_mask |= LinkFlags::Up;
+        Self::set(
+            m,
+            format!("ip link set {name} {}", if up { "up" } else { "down" }),
+        )
+    }
+
+    /// `ip link set NAME master IFINDEX`, or `nomaster` with `None`.
+    pub fn set_master(name: &str, master: Option<u32>) -> Self {
+        let mut m = by_name(name);
+        m.attributes
+            .push(LinkAttribute::Controller(master.unwrap_or(0)));
+        let to = master.map_or_else(|| "nomaster".to_owned(), |i| format!("master {i}"));
+        Self::set(m, format!("ip link set {name} {to}"))
+    }
+
+    /// `ip link set BRIDGE type bridge stp_state 0|1`.
+    pub fn set_stp(bridge: &str, on: bool) -> Self {
+        let mut m = by_name(bridge);
+        let state = if on {
+            BridgeStpState::KernelStp
+        } else {
+            BridgeStpState::Disabled
+        };
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::StpState(state)])),
+        ]));
+        Self::change(
+            m,
+            format!(
+                "ip link set {bridge} type bridge stp_state {}",
+                u8::from(on)
+            ),
+        )
+    }
+
+    /// `ip link set NAME type bridge_slave state forwarding`.
+    pub fn set_forwarding(port: &str) -> Self {
+        Self::set_port_state(port, BridgePortState::Forwarding)
+    }
+
+    /// `ip link set NAME type bridge_slave state STATE` (refused while kernel STP is on).
+    pub fn set_port_state(port: &str, state: BridgePortState) -> Self {
+        let mut m = by_name(port);
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::State(state)])),
+        ]));
+        Self::change(
+            m,
+            format!(
+                "ip link set {port} type bridge_slave state {}",
+                PortState::from_kernel(u8::from(state)).name()
+            ),
+        )
+    }
+
+    /// `ip link add NAME type bridge stp_state S forward_delay FD` (centiseconds); left down.
+    pub fn add_bridge(name: &str, stp: bool, forward_delay_cs: u32) -> Self {
+        let mut m = by_name(name);
+        let state = if stp {
+            BridgeStpState::KernelStp
+        } else {
+            BridgeStpState::Disabled
+        };
+        m.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![
+                InfoBridge::ForwardDelay(forward_delay_cs),
+                InfoBridge::StpState(state),
+            ])),
+        ]));
+        Self {
+            msg: RouteNetlinkMessage::NewLink(m),
+            flags: NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+            what: format!("ip link add {name} type bridge"),
+        }
+    }
+
+    /// `ip link del NAME`.
+    pub fn del(name: &str) -> Self {
+        Self {
+            msg: RouteNetlinkMessage::DelLink(by_name(name)),
+            flags: NLM_F_REQUEST | NLM_F_ACK,
+            what: format!("ip link del {name}"),
+        }
+    }
+}
+
 /// A request socket in one namespace.
 pub struct Rtnl {
     sock: Socket,
@@ -303,100 +446,72 @@ impl Rtnl {
         }
     }
 
-    fn set(&mut self, msg: LinkMessage) -> Result<()> {
-        self.exchange(RouteNetlinkMessage::SetLink(msg), NLM_F_REQUEST | NLM_F_ACK)
-            .map(drop)
+    /// Sends one request and waits for its acknowledgement.
+    pub fn request(&mut self, r: Request) -> Result<()> {
+        let what = r.what;
+        self.exchange(r.msg, r.flags).map(drop).context(what)
     }
 
-    fn change(&mut self, msg: LinkMessage) -> Result<()> {
-        self.exchange(RouteNetlinkMessage::NewLink(msg), NLM_F_REQUEST | NLM_F_ACK)
-            .map(drop)
+    /// Sends every request in one datagram (the kernel carries them out in order, within
+    /// one `sendmsg()`), then reads every acknowledgement: per request, the errno it was
+    /// refused with, if it was.
+    pub fn batch(&mut self, requests: Vec<Request>) -> Result<Vec<Option<i32>>> {
+        let first = self.seq.wrapping_add(1);
+        let mut buf = Vec::new();
+        for r in requests {
+            self.seq = self.seq.wrapping_add(1);
+            buf.extend(encode(r.msg, r.flags, self.seq));
+        }
+        let n = self.seq.wrapping_sub(first).wrapping_add(1) as usize;
+        self.sock.send(&buf, 0).context("netlink send")?;
+        let mut acks: Vec<Option<Option<i32>>> = vec![None; n];
+        while acks.iter().any(Option::is_none) {
+            let data = recv(&self.sock).context("netlink recv")?;
+            for m in messages(&data) {
+                let i = m.header.sequence_number.wrapping_sub(first) as usize;
+                if let (NetlinkPayload::Error(e), Some(slot)) = (&m.payload, acks.get_mut(i)) {
+                    *slot = Some(e.code.map(|c| -c.get()));
+                }
+            }
+        }
+        Ok(acks.into_iter().map(Option::flatten).collect())
     }
 
     /// `ip link set NAME up|down`.
     pub fn set_up(&mut self, name: &str, up: bool) -> Result<()> {
-        let mut m = by_name(name);
-        if up {
-            m.header.flags |= LinkFlags::Up;
-        }
-        m.header.change_mask |= LinkFlags::Up;
-        self.set(m)
-            .with_context(|| format!("ip link set {name} {}", if up { "up" } else { "down" }))
+        self.request(Request::set_up(name, up))
     }
 
     /// `ip link set NAME master MASTER` (ifindex), or `nomaster` with `None`.
     pub fn set_master(&mut self, name: &str, master: Option<u32>) -> Result<()> {
-        let mut m = by_name(name);
-        m.attributes
-            .push(LinkAttribute::Controller(master.unwrap_or(0)));
-        self.set(m)
-            .with_context(|| format!("ip link set {name} master {master:?}"))
+        self.request(Request::set_master(name, master))
     }
 
     /// `ip link set BRIDGE type bridge stp_state 0|1`.
     pub fn set_stp(&mut self, bridge: &str, on: bool) -> Result<()> {
-        let mut m = by_name(bridge);
-        let state = if on {
-            BridgeStpState::KernelStp
-        } else {
-            BridgeStpState::Disabled
-        };
-        m.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Bridge),
-            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::StpState(state)])),
-        ]));
-        self.change(m).with_context(|| {
-            format!(
-                "ip link set {bridge} type bridge stp_state {}",
-                u8::from(on)
-            )
-        })
+        self.request(Request::set_stp(bridge, on))
     }
 
     /// `ip link add NAME type bridge stp_state S forward_delay FD` (centiseconds); left down.
     pub fn add_bridge(&mut self, name: &str, stp: bool, forward_delay_cs: u32) -> Result<()> {
-        let mut m = by_name(name);
-        let state = if stp {
-            BridgeStpState::KernelStp
-        } else {
-            BridgeStpState::Disabled
-        };
-        m.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Bridge),
-            LinkInfo::Data(InfoData::Bridge(vec![
-                InfoBridge::ForwardDelay(forward_delay_cs),
-                InfoBridge::StpState(state),
-            ])),
-        ]));
-        self.exchange(
-            RouteNetlinkMessage::NewLink(m),
-            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-        )
-        .map(drop)
-        .with_context(|| format!("ip link add {name} type bridge"))
+        self.request(Request::add_bridge(name, stp, forward_delay_cs))
     }
 
     /// `ip link del NAME`.
     pub fn del(&mut self, name: &str) -> Result<()> {
-        self.exchange(
-            RouteNetlinkMessage::DelLink(by_name(name)),
-            NLM_F_REQUEST | NLM_F_ACK,
-        )
-        .map(drop)
-        .with_context(|| format!("ip link del {name}"))
+        self.request(Request::del(name))
     }
 
     /// `ip link set NAME type bridge_slave state forwarding`.
     pub fn set_forwarding(&mut self, port: &str) -> Result<()> {
-        let mut m = by_name(port);
-        m.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::PortKind(InfoPortKind::Bridge),
-            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::State(
-                BridgePortState::Forwarding,
-            )])),
-        ]));
-        self.change(m)
-            .with_context(|| format!("ip link set {port} type bridge_slave state forwarding"))
+        self.request(Request::set_forwarding(port))
+    }
+
+    /// `ip link set NAME type bridge_slave state disabled`: the port forwards nothing from
+    /// then on, with no RCU grace period to wait for (detaching or deleting a port waits for
+    /// one, which a broadcast storm on every CPU can hold off for tens of seconds).
+    pub fn set_disabled(&mut self, port: &str) -> Result<()> {
+        self.request(Request::set_port_state(port, BridgePortState::Disabled))
     }
 
     /// `ip link show NAME`, decoded; `None` when there is no such link.

@@ -16,6 +16,7 @@ const GROUP_GAP: f64 = 22.0;
 fn color(c: Contender) -> &'static str {
     match c {
         Contender::BridgeGuard => "#1f77b4",
+        Contender::Oracle => "#2ca02c",
         Contender::Shell => "#ff7f0e",
         Contender::None => "#8c8c8c",
     }
@@ -33,7 +34,8 @@ pub fn chart(cells: &[Cell], vms: &[usize], timeout_s: u64) -> String {
         .iter()
         .flat_map(|&n| Fault::ALL.iter().map(move |&f| (n, f)))
         .collect();
-    let group_w = BAR_W * 3.0 + GROUP_GAP;
+    #[expect(clippy::cast_precision_loss, reason = "four contenders")]
+    let group_w = BAR_W * Contender::ALL.len() as f64 + GROUP_GAP;
     #[expect(clippy::cast_precision_loss, reason = "plot coordinates")]
     let width = LEFT + group_w * groups.len() as f64 + 110.0;
     let height = TOP + PLOT_H + 130.0;
@@ -130,7 +132,7 @@ pub fn chart(cells: &[Cell], vms: &[usize], timeout_s: u64) -> String {
                 );
             }
         }
-        let lx = gx + BAR_W * 1.5;
+        let lx = gx + BAR_W * 2.0;
         let ly = TOP + PLOT_H + 12.0;
         let _ = writeln!(
             s,
@@ -154,9 +156,9 @@ pub fn chart(cells: &[Cell], vms: &[usize], timeout_s: u64) -> String {
     let _ = writeln!(
         s,
         r##"<rect x="{:.0}" y="{:.0}" width="12" height="12" fill="url(#hatch)" stroke="#888"/><text x="{:.0}" y="{ly:.0}">not healed within {timeout_s} s</text>"##,
-        LEFT + 450.0,
+        LEFT + 600.0,
         ly - 10.0,
-        LEFT + 466.0
+        LEFT + 616.0
     );
     s.push_str("</svg>\n");
     s

@@ -10,6 +10,9 @@ use tokio::io::unix::AsyncFd;
 use super::EbpfError;
 use crate::event::{DecodeError, KernelEvent};
 
+/// Records read per turn: bounded, so that a flood leaves the other sources their turn.
+pub const BATCH: usize = 4096;
+
 pub struct EventStream {
     ring: AsyncFd<RingBuf<MapData>>,
     lost: PerCpuArray<MapData, u64>,
@@ -34,24 +37,31 @@ impl EventStream {
         Ok(Self { ring, lost })
     }
 
-    /// Waits for records and appends every one available to `out`.
+    /// Waits for records and appends those available to `out`, up to `max` in all.
     pub async fn next_batch(
         &mut self,
         out: &mut Vec<Result<KernelEvent, DecodeError>>,
+        max: usize,
     ) -> std::io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
+        while out.len() < max {
+            let Some(record) = ring.next() else {
+                // Empty: wait for the next submission. Left ready otherwise, so what is left
+                // is read on the next turn, after the other sources had theirs.
+                guard.clear_ready();
+                break;
+            };
             out.push(KernelEvent::decode(&record));
         }
-        guard.clear_ready();
         Ok(())
     }
 
-    /// Appends every record available now to `out`, without waiting.
-    pub fn drain(&mut self, out: &mut Vec<Result<KernelEvent, DecodeError>>) {
+    /// Appends the records available now to `out`, up to `max` in all, without waiting.
+    pub fn drain(&mut self, out: &mut Vec<Result<KernelEvent, DecodeError>>, max: usize) {
         let ring = self.ring.get_mut();
-        while let Some(record) = ring.next() {
+        while out.len() < max {
+            let Some(record) = ring.next() else { break };
             out.push(KernelEvent::decode(&record));
         }
     }

@@ -1,0 +1,608 @@
+//! The agent: wires sources -> model -> planner -> actuator, and publishes its state.
+//!
+//! One loop gathers news (ring buffer, netlink notifications, answers to repair requests,
+//! timers) and [`Agent::step`] turns it into the next repairs, top to bottom. Every fault is
+//! repaired as soon as the first source reports it, and again every time it comes back, up to a
+//! bounded rate (`rate`). Requests are never awaited in the loop: a plan's requests go out
+//! together as one future whose answers are news like any other, each bounded by a timeout.
+//!
+//! - `repair`: planning, sending, answers, fights;
+//! - `report`: transition logs, summaries, `status`, publishing.
+
+mod repair;
+mod report;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use futures::{StreamExt as _, stream::FuturesUnordered};
+use tokio::time::Instant;
+
+use crate::{
+    accounting::Accounting,
+    coalesce::Coalescer,
+    event::{Actor, DecodeError, KernelEvent},
+    membership,
+    model::{Ktime, Model, Transition},
+    planner::{Action, Guard, Refusal},
+    rate::{self, RateLimiter},
+    sources::{
+        ebpf::{
+            self, Probes,
+            ring::{self, EventStream},
+        },
+        netlink::{self, LinkKind, Netlink, NetlinkError, NetlinkEvent},
+    },
+    status::Status,
+    sys::{clock::monotonic_ns, last_hour::LastHour, notify::Notifier},
+};
+
+use self::repair::Requests;
+
+/// How long published state may lag the model: coalesces bursts of changes into one write.
+const PUBLISH_DELAY: Duration = Duration::from_millis(5);
+/// Notifications taken per turn: bounded, so that a flood leaves timers their turn.
+const NETLINK_BATCH: usize = 4096;
+/// How soon a resync that failed is tried again.
+const RESYNC_RETRY: Duration = Duration::from_secs(1);
+/// How long after a loss (or an inconsistent dump) a second resync is taken.
+const FOLLOW_UP: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub guards: Vec<Guard>,
+    /// Repair nothing; report everything.
+    pub observe: bool,
+    pub reconcile_every: Duration,
+    pub libvirt_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// Try eBPF hooks; without them, netlink alone.
+    pub ebpf: bool,
+    /// How often each port's summary is logged (also logged at shutdown).
+    pub summary_every: Duration,
+    /// A node_exporter textfile to keep up to date with the metrics.
+    pub metrics_textfile: Option<PathBuf>,
+    /// systemd's watchdog: pinged from the event loop, so a stuck loop gets the agent restarted.
+    pub watchdog: Option<(Arc<Notifier>, Duration)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("the netlink connection closed")]
+    NetlinkClosed,
+    #[error("reading the eBPF ring buffer")]
+    Ring(#[source] std::io::Error),
+}
+
+/// A new configuration for the running agent (SIGHUP): what can change without dropping the
+/// hooks or the model.
+#[derive(Debug)]
+pub struct Reload {
+    pub guards: Vec<Guard>,
+    pub observe: bool,
+    pub libvirt_dir: PathBuf,
+    /// Told the new status line once the reload is applied: resynced, and its repairs sent.
+    pub done: tokio::sync::oneshot::Sender<String>,
+}
+
+pub struct Agent {
+    cfg: Config,
+    model: Model,
+    netlink: Netlink,
+    probes: Option<Probes>,
+    events: Option<EventStream>,
+    /// Repair rate limits and fights.
+    limiter: RateLimiter,
+    /// Repairs sent and not answered yet, by key.
+    in_flight: BTreeMap<String, Action>,
+    /// The futures of those requests, one per plan.
+    requests: FuturesUnordered<Requests>,
+    /// Repairs the plan wants that wait for a rate-limit slot: key -> (slot key, since when).
+    held: BTreeMap<String, (rate::Key, Ktime)>,
+    /// Repair failures being counted instead of logged: key -> (count, when last logged).
+    failures: BTreeMap<String, (u64, Ktime)>,
+    /// Faults reported in observe-only mode, so each is logged once while it lasts.
+    observed: BTreeSet<String>,
+    refusals: Vec<Refusal>,
+    repairs: BTreeMap<String, u64>,
+    accounting: Arc<Mutex<Accounting>>,
+    /// Ring-buffer losses already resynced for.
+    lost_seen: u64,
+    /// Transitions seen but not yet accounted and logged, with their cause.
+    unlogged: Vec<(Transition, &'static str)>,
+    /// Bounds the transition lines each port may log.
+    lines: Coalescer,
+    dirty: bool,
+    /// Our own pid, to recognise our repairs in eBPF's actors (`process::id` is a syscall).
+    pid: u32,
+    /// A resync is due, and why.
+    resync_due: Option<&'static str>,
+    /// A resync due later, and why: a failed one tried again, or the follow-up of a loss
+    /// (drops go on unreported while the socket stays congested, so the dump taken at once
+    /// may miss some: another is taken once things calm down).
+    resync_later: Option<(Instant, &'static str)>,
+    /// Repairs done in the last hour, for the status line.
+    recent_repairs: LastHour,
+    /// Where the status line goes (systemd's STATUS=), and the last one sent.
+    status_to: Option<(Arc<Notifier>, String)>,
+    /// Configuration reloads (see [`Agent::reloads`]).
+    reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
+}
+
+/// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
+/// timer-driven ones).
+fn complete_port_states(probes: &Probes) -> bool {
+    matches!(
+        probes.tier("port-state"),
+        ebpf::hooks::Tier::Fentry | ebpf::hooks::Tier::Kprobe
+    )
+}
+
+fn actor_text(a: Option<&Actor>) -> String {
+    a.map_or_else(|| "unknown".to_owned(), ToString::to_string)
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Agent {
+    /// Opens netlink and, if asked, attaches the eBPF hooks (falling back to netlink alone
+    /// with a warning when they cannot be had).
+    pub fn start(cfg: Config) -> Result<Self, AgentError> {
+        let netlink = Netlink::open()?;
+        let mut probes = None;
+        let mut events = None;
+        if cfg.ebpf {
+            let opts = ebpf::Options {
+                netns: crate::sys::netns::current_inode().ok(),
+                ..ebpf::Options::default()
+            };
+            match Probes::attach(&opts).and_then(|mut p| p.events().map(|e| (p, e))) {
+                Ok((p, e)) => {
+                    probes = Some(p);
+                    events = Some(e);
+                }
+                Err(e) => tracing::warn!(
+                    "running on netlink alone, without kernel timestamps or actors: {}",
+                    crate::error_chain(&e)
+                ),
+            }
+        }
+        let mut model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
+        model.trust_kernel_port_states(probes.as_ref().is_some_and(complete_port_states));
+        // A restarted agent must not forget a tap detached while it was down: the previous
+        // run's published ports are members until the kernel says otherwise.
+        if let Ok(previous) = Status::read(&cfg.state_dir) {
+            for b in &previous.bridges {
+                for p in &b.ports {
+                    model.remember(&b.name, &p.name);
+                }
+            }
+        }
+        let agent = Self {
+            cfg,
+            model,
+            netlink,
+            probes,
+            events,
+            limiter: RateLimiter::default(),
+            in_flight: BTreeMap::new(),
+            requests: FuturesUnordered::new(),
+            held: BTreeMap::new(),
+            failures: BTreeMap::new(),
+            observed: BTreeSet::new(),
+            refusals: Vec::new(),
+            repairs: BTreeMap::new(),
+            accounting: Arc::new(Mutex::new(Accounting::default())),
+            lost_seen: 0,
+            unlogged: Vec::new(),
+            lines: Coalescer::default(),
+            pid: std::process::id(),
+            dirty: true,
+            resync_due: None,
+            resync_later: None,
+            recent_repairs: LastHour::default(),
+            status_to: None,
+            reloads: None,
+        };
+        let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
+            p.hooks
+                .iter()
+                .map(|h| (h.hook.to_owned(), h.tier.to_string()))
+                .collect()
+        });
+        {
+            let mut acc = agent.acc();
+            acc.hooks = hooks;
+            // Every series a dashboard rates starts at zero, not at its first event.
+            for source in ["ebpf", "netlink"] {
+                acc.events.entry(source).or_default();
+            }
+        }
+        Ok(agent)
+    }
+
+    /// The accounting, shared with the metrics server.
+    pub fn accounting(&self) -> Arc<Mutex<Accounting>> {
+        Arc::clone(&self.accounting)
+    }
+
+    fn acc(&self) -> MutexGuard<'_, Accounting> {
+        // A panic while holding the lock leaves plain counters behind: still usable.
+        self.accounting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// `hook=tier ...`, or `netlink only`.
+    pub fn hooks_summary(&self) -> String {
+        self.probes
+            .as_ref()
+            .map_or_else(|| "netlink only".to_owned(), Probes::summary)
+    }
+
+    /// The first pass: a consistent picture from a dump, and the repairs it calls for, sent
+    /// and answered (each bounded by its timeout). After it, every present port of every
+    /// guarded bridge is known: what "ready" means.
+    pub async fn start_up(&mut self) -> Result<(), AgentError> {
+        self.resync("start").await?;
+        let now = monotonic_ns();
+        self.step(now);
+        while let Some(answers) = self.requests.next().await {
+            let acked = monotonic_ns();
+            self.gather(&mut Vec::new(), &mut Vec::new());
+            self.take_answers(answers, acked);
+            self.step(acked);
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Rebuilds the model from a consistent dump (and libvirt's XML). What either source had
+    /// queued is older than the dump: it is applied first, and the dump corrects it.
+    async fn resync(&mut self, reason: &'static str) -> Result<(), AgentError> {
+        self.gather(&mut Vec::new(), &mut Vec::new());
+        let asked = monotonic_ns();
+        let dump = netlink::dump(&self.netlink.handle).await?;
+        if !dump.consistent {
+            tracing::info!(
+                reason,
+                "every link dump was interrupted by concurrent changes: using the last one, and \
+                 dumping again in {FOLLOW_UP:?}"
+            );
+            self.resync_in(FOLLOW_UP, "inconsistent-dump");
+        }
+        let links = dump.links;
+        match netlink::mrp_bridges(&self.netlink.handle).await {
+            Ok(mrp) => self.model.set_mrp(mrp),
+            Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
+        }
+        let transitions = self.model.reset_from_dump(links, asked, monotonic_ns());
+        for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
+            self.model.remember(&bridge, &port);
+        }
+        self.record_transitions(&transitions);
+        self.acc().on_resync(reason);
+        tracing::debug!(reason, "resynced from a dump");
+        Ok(())
+    }
+
+    /// Where to send configuration reloads; [`Agent::run`] applies them between events.
+    pub fn reloads(&mut self) -> tokio::sync::mpsc::Sender<Reload> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        self.reloads = Some(rx);
+        tx
+    }
+
+    /// Swaps the guarded bridges and their policy, keeping the hooks, the model's links and
+    /// learned members (of bridges still guarded) and the accounting; a resync follows, and
+    /// the repairs the new policy calls for.
+    fn reload(&mut self, guards: Vec<Guard>, observe: bool, libvirt_dir: PathBuf) {
+        self.model
+            .set_guarded(guards.iter().map(|g| g.bridge.clone()));
+        self.cfg.guards = guards;
+        self.cfg.observe = observe;
+        self.cfg.libvirt_dir = libvirt_dir;
+        // What is refused or only observed is said again under the new policy.
+        self.observed.clear();
+        self.refusals.clear();
+        self.dirty = true;
+        self.request_resync("reload");
+    }
+
+    fn request_resync(&mut self, reason: &'static str) {
+        self.resync_due.get_or_insert(reason);
+    }
+
+    /// Asks for a resync `after` from now (replacing one asked for earlier).
+    fn resync_in(&mut self, after: Duration, reason: &'static str) {
+        self.resync_later = Some((Instant::now() + after, reason));
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(&mut self, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+        tokio::pin!(shutdown);
+        let mut reconcile = tokio::time::interval_at(
+            Instant::now() + self.cfg.reconcile_every,
+            self.cfg.reconcile_every,
+        );
+        let mut summary = tokio::time::interval_at(
+            Instant::now() + self.cfg.summary_every,
+            self.cfg.summary_every,
+        );
+        let mut watchdog = self
+            .cfg
+            .watchdog
+            .as_ref()
+            .map(|(n, every)| (Arc::clone(n), tokio::time::interval(*every)));
+        let mut batch = Vec::new();
+        let mut notices = Vec::new();
+        let mut publish_at: Option<Instant> = None;
+        let mut reloaded = None;
+        loop {
+            let wake = self.next_wakeup();
+            let mut answers = None;
+            let ebpf_next = async {
+                match self.events.as_mut() {
+                    Some(ev) => ev.next_batch(&mut batch, ring::BATCH).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                // Housekeeping first: each is cheap and rarely due, and a flood of events
+                // must not starve it.
+                () = async {
+                    match watchdog.as_mut() {
+                        Some((_, every)) => drop(every.tick().await),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((n, _)) = &watchdog {
+                        if let Err(e) = n.watchdog() {
+                            tracing::warn!("cannot ping systemd's watchdog: {e}");
+                        }
+                    }
+                    continue;
+                }
+                () = sleep_until(publish_at) => {
+                    publish_at = None;
+                    self.publish();
+                    continue;
+                }
+                _ = summary.tick() => {
+                    self.log_summary();
+                    continue;
+                }
+                _ = reconcile.tick() => self.request_resync("periodic"),
+                Some(r) = async {
+                    match self.reloads.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reload(r.guards, r.observe, r.libvirt_dir);
+                    reloaded = Some(r.done);
+                }
+                Some(a) = self.requests.next(), if !self.requests.is_empty() => answers = Some(a),
+                r = ebpf_next => r.map_err(AgentError::Ring)?,
+                ev = netlink::next_event(&mut self.netlink.notifications) => {
+                    notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
+                }
+                () = sleep_until(wake) => {}
+            }
+            // A repair's latency counts from here: the moment the agent heard of the fault.
+            let woke = monotonic_ns();
+            // One turn of the scheduler first: woken by the ring buffer, this task runs before
+            // the netlink connection's task has read the socket it shares a wakeup with.
+            tokio::task::yield_now().await;
+            self.gather(&mut batch, &mut notices);
+            if let Some(a) = answers {
+                self.take_answers(a, woke);
+            }
+            if let Some((at, reason)) = self.resync_later {
+                if at <= Instant::now() {
+                    self.resync_later = None;
+                    self.request_resync(reason);
+                }
+            }
+            if let Some(reason) = self.resync_due.take() {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    r = self.resync(reason) => if let Err(e) = r {
+                        tracing::warn!("resync ({reason}) failed, retrying in {RESYNC_RETRY:?}: {}", crate::error_chain(&e));
+                        self.resync_in(RESYNC_RETRY, "retry");
+                    },
+                }
+            }
+            self.step(woke);
+            if let Some(done) = reloaded.take() {
+                let _ = done.send(self.status_line());
+            }
+            // Publishing (state file, textfile) waits a little and coalesces: it must never
+            // sit between a fault's notifications and their repair.
+            if self.dirty && publish_at.is_none() {
+                publish_at = Some(Instant::now() + PUBLISH_DELAY);
+            }
+        }
+        self.shut_down();
+        Ok(())
+    }
+
+    /// When the loop must wake up although no news came: a held repair's slot, a fight or a
+    /// log summary due, a resync to retry.
+    fn next_wakeup(&self) -> Option<Instant> {
+        let now = monotonic_ns();
+        let at = self
+            .held
+            .values()
+            .filter_map(|(key, _)| self.limiter.wait_until(key, now))
+            .chain(self.limiter.next_tick())
+            .chain(self.lines.next_due())
+            .min()
+            .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
+        at.into_iter()
+            .chain(self.resync_later.map(|(t, _)| t))
+            .min()
+    }
+
+    /// Takes the news both sources queued (bounded per turn) and applies it: eBPF first, as
+    /// it tells of a change as it happens and netlink after it.
+    fn gather(
+        &mut self,
+        batch: &mut Vec<Result<KernelEvent, DecodeError>>,
+        notices: &mut Vec<NetlinkEvent>,
+    ) {
+        if let Some(ev) = self.events.as_mut() {
+            ev.drain(batch, ring::BATCH);
+        }
+        let mut taken = 0;
+        while taken < NETLINK_BATCH {
+            let Ok((msg, _)) = self.netlink.notifications.try_recv() else {
+                break;
+            };
+            taken += 1;
+            notices.extend(netlink::decode(&msg));
+        }
+        if !batch.is_empty() {
+            *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
+            // Events the kernel could not queue mean the model may have missed a change.
+            let lost = self.events.as_ref().map_or(0, EventStream::lost);
+            if lost > self.lost_seen {
+                tracing::warn!(
+                    lost = lost - self.lost_seen,
+                    "eBPF events were lost (ring buffer full): resyncing from a dump"
+                );
+                self.lost_seen = lost;
+                self.acc().ringbuf_lost = lost;
+                self.request_resync("ebpf-lost");
+                self.resync_in(FOLLOW_UP, "ebpf-lost-follow-up");
+            }
+        }
+        for ev in batch.drain(..) {
+            match ev {
+                Ok(ev) => {
+                    tracing::debug!(%ev, "kernel event");
+                    let t = self.model.apply_kernel(&ev);
+                    self.record_transitions(&t);
+                }
+                Err(e) => tracing::warn!("undecodable eBPF event: {e}"),
+            }
+        }
+        for ev in notices.drain(..) {
+            match ev {
+                NetlinkEvent::Overrun => {
+                    tracing::warn!(
+                        "netlink notifications were lost (ENOBUFS): resyncing from a dump"
+                    );
+                    self.request_resync("netlink-overrun");
+                    self.resync_in(FOLLOW_UP, "netlink-overrun-follow-up");
+                }
+                ev => self.apply_netlink(ev),
+            }
+        }
+        self.forget_gone();
+    }
+
+    fn apply_netlink(&mut self, ev: NetlinkEvent) {
+        *self.acc().events.entry("netlink").or_default() += 1;
+        if matches!(&ev, NetlinkEvent::Link(l) if l.kind == LinkKind::Bridge) {
+            self.retry_probes();
+        }
+        let t = self.model.apply_netlink(ev, monotonic_ns());
+        self.record_transitions(&t);
+    }
+
+    /// Forgets what is kept per port for ports the model no longer tracks: bounded memory and
+    /// series under any churn of taps.
+    fn forget_gone(&mut self) {
+        let gone = self.model.take_forgotten();
+        if gone.is_empty() {
+            return;
+        }
+        // Their last transitions are accounted before they go.
+        self.flush_transitions();
+        let now = monotonic_ns();
+        for port in gone {
+            tracing::debug!(port, "no longer tracked: forgetting it");
+            self.acc().forget_port(&port);
+            self.limiter.forget_port(&port);
+            if let Some(s) = self.lines.forget(&port, now) {
+                report::log_coalesced(&s);
+            }
+            self.dirty = true;
+        }
+    }
+
+    /// A bridge appeared: if that loaded the bridge module, better hooks may attach now.
+    fn retry_probes(&mut self) {
+        let Some(probes) = self.probes.as_mut() else {
+            return;
+        };
+        match probes.retry_after_bridge_module() {
+            Ok(None) => {}
+            Ok(Some(changed)) => {
+                let hooks: Vec<(String, String)> = probes
+                    .hooks
+                    .iter()
+                    .map(|h| (h.hook.to_owned(), h.tier.to_string()))
+                    .collect();
+                let summary = probes.summary();
+                let complete = complete_port_states(probes);
+                self.model.trust_kernel_port_states(complete);
+                self.acc().hooks = hooks;
+                self.dirty = true;
+                if changed.is_empty() {
+                    tracing::info!("bridge module loaded; no better hook attaches ({summary})");
+                } else {
+                    tracing::info!("bridge module loaded: {} ({summary})", changed.join(", "));
+                }
+            }
+            Err(e) => tracing::warn!(
+                "re-attaching hooks after the bridge module loaded: {}",
+                crate::error_chain(&e)
+            ),
+        }
+    }
+
+    /// At shutdown: what is in flight is abandoned (the kernel applies or refuses it on its
+    /// own), every open summary is logged, and the state is published one last time.
+    fn shut_down(&mut self) {
+        if let Some(ev) = &self.events {
+            let lost = ev.lost();
+            if lost > 0 {
+                tracing::warn!(lost, "eBPF events lost because the ring buffer was full");
+            }
+        }
+        if !self.in_flight.is_empty() {
+            tracing::info!(
+                "stopping with {} repair(s) unanswered: {}",
+                self.in_flight.len(),
+                self.in_flight
+                    .values()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        self.flush_transitions();
+        for s in self.lines.flush(monotonic_ns()) {
+            report::log_coalesced(&s);
+        }
+        self.log_summary();
+        self.dirty = true;
+        self.publish();
+    }
+}
