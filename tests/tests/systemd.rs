@@ -25,7 +25,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use integration_tests::{PREFIX, VmLab, VmLabChecks as _, agent_bin, skip_unless_root};
+use integration_tests::{
+    PREFIX, VmLab, VmLabChecks as _, agent_bin, skip_unless_root, wait_dir_change,
+};
 use serde_json::Value;
 
 /// Set by `cargo xtask test`: the Debian root to boot.
@@ -98,12 +100,23 @@ struct Container {
     etc: Scratch,
     _notify: Scratch,
     log: Scratch,
+    /// The lab whose namespace the container runs in; dropped after the container is gone.
+    lab: VmLab,
 }
 
 impl Container {
-    /// Boots the root in `lab`'s host namespace with `config` as
-    /// /etc/bridge-guard/config.toml; returns once systemd says the boot is done.
-    fn boot(root: &Path, lab: &VmLab, config: &str) -> Result<Self> {
+    /// For `test`: a lab of `vms` VMs (namespaces tagged `tag`) and the root booted in its host
+    /// namespace with `config` as /etc/bridge-guard/config.toml, once systemd says the boot is
+    /// done; `None` when the test cannot run here.
+    fn for_test(test: &str, tag: &str, vms: usize, config: &str) -> Result<Option<Self>> {
+        let Some(root) = container_root(test) else {
+            return Ok(None);
+        };
+        let lab = VmLab::new(PREFIX, tag, vms)?;
+        Self::boot(&root, lab, config).map(Some)
+    }
+
+    fn boot(root: &Path, lab: VmLab, config: &str) -> Result<Self> {
         let etc = Scratch::new("etc");
         std::fs::create_dir_all(&etc.0)?;
         std::fs::write(etc.0.join("config.toml"), config)?;
@@ -182,6 +195,7 @@ impl Container {
             etc,
             _notify: notify,
             log,
+            lab,
         })
     }
 
@@ -260,57 +274,15 @@ impl Container {
     }
 
     /// Waits until `check` finds nothing wrong, re-checking each time the agent publishes its
-    /// state (inotify on its state directory; STATUS= is sent before the state file is
-    /// written, and systemd reads notifications before D-Bus calls).
+    /// state (STATUS= is sent before the state file is written, and systemd reads
+    /// notifications before D-Bus calls).
     fn wait_published(
         &self,
         what: &str,
         timeout: Duration,
         check: impl Fn(&Self) -> Result<Option<String>>,
     ) -> Result<()> {
-        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-        // SAFETY: plain syscalls; the fd is owned at once.
-        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-        ensure!(
-            fd >= 0,
-            "inotify_init1: {}",
-            std::io::Error::last_os_error()
-        );
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let dir = std::ffi::CString::new(self.state_dir().into_os_string().into_encoded_bytes())?;
-        // SAFETY: valid fd and NUL-terminated path.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                fd.as_raw_fd(),
-                dir.as_ptr(),
-                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
-            )
-        };
-        ensure!(
-            wd >= 0,
-            "watching {dir:?}: {}",
-            std::io::Error::last_os_error()
-        );
-        let deadline = Instant::now() + timeout;
-        loop {
-            // After the watch exists, so that no change slips between check and wait.
-            let Some(why) = check(self)? else {
-                return Ok(());
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            ensure!(!left.is_zero(), "never {what} within {timeout:?}: {why}");
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-            let mut buf = [0u8; 4096];
-            // SAFETY: drains pending events into a local buffer (non-blocking fd).
-            while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-        }
+        wait_dir_change(&self.state_dir(), what, timeout, || check(self))
     }
 
     fn log_text(&self) -> String {
@@ -350,13 +322,12 @@ fn start(c: &Container) -> Result<()> {
 #[test]
 fn ready_comes_after_the_hooks_attach_and_the_first_repair() -> Result<()> {
     let test = "ready_comes_after_the_hooks_attach_and_the_first_repair";
-    let Some(root) = container_root(test) else {
+    let Some(c) = Container::for_test(test, "sdready", 2, &config(""))? else {
         return Ok(());
     };
-    let lab = VmLab::new(PREFIX, "sdready", 2)?;
+    let lab = &c.lab;
     // Kernel STP is on and the ports are still listening: only a repair makes them forward.
     ensure!(lab.unhealthy()?.is_some(), "the lab starts out broken");
-    let c = Container::boot(&root, &lab, &config(""))?;
     // Type=notify: `systemctl start` returns once the agent has said READY=1.
     start(&c)?;
     let pid = c.main_pid()?;
@@ -371,10 +342,11 @@ fn ready_comes_after_the_hooks_attach_and_the_first_repair() -> Result<()> {
         .lines()
         .find(|l| l.contains("bridge-guard: ready: guarding br0"))
         .with_context(|| format!("no readiness line:\n{journal}"))?;
-    // Each eBPF tier's hook is a BPF link the agent already holds; netlink needs none.
+    // Each hook on an eBPF tier is BPF links the agent already holds; a hook left to netlink
+    // (`none`) needs none.
     let ebpf_hooks = ready
         .split([' ', '(', ')', ';'])
-        .filter(|w| w.contains('=') && !w.ends_with("=netlink"))
+        .filter(|w| w.contains('=') && !w.ends_with("=netlink") && !w.ends_with("=none"))
         .count();
     let links = c.bpf_links(pid)?;
     assert!(
@@ -397,11 +369,10 @@ fn ready_comes_after_the_hooks_attach_and_the_first_repair() -> Result<()> {
 #[test]
 fn the_watchdog_restarts_a_stopped_agent_and_a_restart_keeps_the_learned_taps() -> Result<()> {
     let test = "the_watchdog_restarts_a_stopped_agent_and_a_restart_keeps_the_learned_taps";
-    let Some(root) = container_root(test) else {
+    let Some(c) = Container::for_test(test, "sdwatch", 2, &config(""))? else {
         return Ok(());
     };
-    let lab = VmLab::new(PREFIX, "sdwatch", 2)?;
-    let c = Container::boot(&root, &lab, &config(""))?;
+    let lab = &c.lab;
     start(&c)?;
     lab.wait_healthy(HEAL)?;
     let first = c.main_pid()?;
@@ -499,11 +470,11 @@ fn tiers(doctor: &Value) -> Value {
 #[test]
 fn the_hardened_unit_leaves_the_hook_tiers_as_they_are_outside_it() -> Result<()> {
     let test = "the_hardened_unit_leaves_the_hook_tiers_as_they_are_outside_it";
-    let Some(root) = container_root(test) else {
+    let Some(c) = Container::for_test(test, "sddoctor", 1, &config(""))? else {
         return Ok(());
     };
-    let lab = VmLab::new(PREFIX, "sddoctor", 1)?;
-    let outside = lab
+    let outside = c
+        .lab
         .host
         .command(agent_bin())
         .args(["doctor", "--json"])
@@ -511,7 +482,6 @@ fn the_hardened_unit_leaves_the_hook_tiers_as_they_are_outside_it() -> Result<()
     ensure!(outside.status.success(), "doctor failed outside");
     let outside: Value = serde_json::from_slice(&outside.stdout)?;
 
-    let c = Container::boot(&root, &lab, &config(""))?;
     let shipped = std::fs::read_to_string(repo().join("packaging/systemd").join(UNIT))?;
     let out = c.exec(
         &["sh", "-c", "cat > /etc/systemd/system/bg-doctor.service"],
@@ -536,11 +506,9 @@ fn the_hardened_unit_leaves_the_hook_tiers_as_they_are_outside_it() -> Result<()
 #[test]
 fn a_bad_config_stops_the_unit_with_78_and_no_restart_loop() -> Result<()> {
     let test = "a_bad_config_stops_the_unit_with_78_and_no_restart_loop";
-    let Some(root) = container_root(test) else {
+    let Some(c) = Container::for_test(test, "sdbad", 1, "[bridges.br0]\nstp = false\n")? else {
         return Ok(());
     };
-    let lab = VmLab::new(PREFIX, "sdbad", 1)?;
-    let c = Container::boot(&root, &lab, "[bridges.br0]\nstp = false\n")?;
     let started = c.exec(&["systemctl", "start", UNIT], None)?;
     assert!(!started.status.success(), "a bad configuration started");
     assert_eq!(c.show(UNIT, "ExecMainStatus")?, "78");
@@ -560,11 +528,10 @@ fn a_bad_config_stops_the_unit_with_78_and_no_restart_loop() -> Result<()> {
 #[test]
 fn systemctl_reload_applies_a_config_change_without_dropping_the_hooks() -> Result<()> {
     let test = "systemctl_reload_applies_a_config_change_without_dropping_the_hooks";
-    let Some(root) = container_root(test) else {
+    let Some(c) = Container::for_test(test, "sdreload", 2, &config("observe = true"))? else {
         return Ok(());
     };
-    let lab = VmLab::new(PREFIX, "sdreload", 2)?;
-    let c = Container::boot(&root, &lab, &config("observe = true"))?;
+    let lab = &c.lab;
     start(&c)?;
     let pid = c.main_pid()?;
     let links = c.bpf_links(pid)?;
@@ -691,6 +658,15 @@ fn the_systemd_unit_verifies_clean_and_says_what_it_must() -> Result<()> {
     Ok(())
 }
 
+/// Fails unless the repository's `file` contains each of `wants`.
+fn assert_contains(file: &str, wants: &[&str]) -> Result<()> {
+    let text = std::fs::read_to_string(repo().join(file))?;
+    for want in wants {
+        ensure!(text.contains(want), "{file} lacks {want}");
+    }
+    Ok(())
+}
+
 #[test]
 fn the_nix_files_parse_and_the_module_follows_nixpkgs() -> Result<()> {
     let Some(nix) = which("nix-instantiate") else {
@@ -711,37 +687,37 @@ fn the_nix_files_parse_and_the_module_follows_nixpkgs() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let module = std::fs::read_to_string(repo().join("nix/module.nix"))?;
-    for want in [
-        "lib.mkEnableOption",
-        "lib.mkPackageOption",
-        "freeformType = settingsFormat.type",
-        "systemd.packages = [ cfg.package ]",
-        "check-config",
-        "openFirewall",
-        "ReadWritePaths",
-        "notify-reload",
-        "9632",
-    ] {
-        assert!(module.contains(want), "nix/module.nix lacks {want}");
-    }
-    let package = std::fs::read_to_string(repo().join("nix/package.nix"))?;
-    for want in [
-        "lib.fileset",
-        "library/Cargo.lock",
-        "meta",
-        "BRIDGE_GUARD_REQUIRE_EBPF",
-    ] {
-        assert!(package.contains(want), "nix/package.nix lacks {want}");
-    }
-    let flake = std::fs::read_to_string(repo().join("flake.nix"))?;
-    for want in [
-        "packages",
-        "overlays.default",
-        "nixosModules.default",
-        "checks",
-    ] {
-        assert!(flake.contains(want), "flake.nix lacks {want}");
-    }
+    assert_contains(
+        "nix/module.nix",
+        &[
+            "lib.mkEnableOption",
+            "lib.mkPackageOption",
+            "freeformType = settingsFormat.type",
+            "systemd.packages = [ cfg.package ]",
+            "check-config",
+            "openFirewall",
+            "ReadWritePaths",
+            "notify-reload",
+            "9632",
+        ],
+    )?;
+    assert_contains(
+        "nix/package.nix",
+        &[
+            "lib.fileset",
+            "library/Cargo.lock",
+            "meta",
+            "BRIDGE_GUARD_REQUIRE_EBPF",
+        ],
+    )?;
+    assert_contains(
+        "flake.nix",
+        &[
+            "packages",
+            "overlays.default",
+            "nixosModules.default",
+            "checks",
+        ],
+    )?;
     Ok(())
 }
