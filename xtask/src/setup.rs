@@ -311,3 +311,38 @@ pub fn ensure_test_tools() -> Result<()> {
     )
     .with_context(|| format!("installing {} failed", missing.join(" ")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ebpf_toolchain_is_a_dated_nightly() {
+        let pin = ebpf_toolchain().expect("the pin file parses");
+        let date = pin.strip_prefix("nightly-").expect("a nightly");
+        let parts: Vec<&str> = date.split('-').collect();
+        assert!(
+            parts.len() == 3 && parts.iter().all(|p| p.parse::<u32>().is_ok()),
+            "a dated nightly, YYYY-MM-DD: {pin}"
+        );
+    }
+
+    #[test]
+    fn the_linked_llvm_is_read_from_the_soname() {
+        let dir = std::env::temp_dir().join(format!("xtask-llvm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        for (bytes, want) in [
+            (
+                &b"\x7fELF...\0libc.so.6\0libLLVM.so.22.1-rust-1.97.0-nightly\0GLIBC_2.2.5\0"[..],
+                Some(22),
+            ),
+            (&b"\x7fELF\0libLLVM-21.so\0"[..], Some(21)),
+            (&b"\x7fELF\0libLLVMSupport.a\0libc.so.6\0"[..], None),
+        ] {
+            let bin = dir.join("bpf-linker");
+            std::fs::write(&bin, bytes).expect("write");
+            assert_eq!(linked_llvm(&bin).ok().map(|(_, m)| m), want);
+        }
+        std::fs::remove_dir_all(dir).expect("cleanup");
+    }
+}
