@@ -51,7 +51,7 @@
             machine.wait_for_unit("bridge-guard.service")
             machine.succeed("ip link add br0 type bridge stp_state 1 && ip link set br0 up")
             machine.wait_until_succeeds("ip -d link show br0 | grep -q 'stp_state 0'")
-            machine.succeed("curl -sf http://127.0.0.1:9632/metrics | grep -q bridge_guard_")
+            machine.succeed("curl -sf http://127.0.0.1:19469/metrics | grep -q bridge_guard_")
             pid = machine.succeed("systemctl show -p MainPID --value bridge-guard").strip()
             machine.succeed("/run/current-system/specialisation/observe/bin/switch-to-configuration test")
             machine.wait_until_succeeds("journalctl -u bridge-guard | grep -q 'reload: configuration'")

@@ -145,10 +145,10 @@ in
       };
       port = lib.mkOption {
         type = lib.types.port;
-        default = 9632;
+        default = 19469;
         description = ''
-          Port to serve metrics on. 9632 is no well-known exporter's default; 9558, the old
-          example, is the systemd exporter's.
+          Port to serve metrics on: the agent's own default. Prometheus' exporter ports
+          (9100-9999) are all taken; 9558, the old example, is the systemd exporter's.
         '';
       };
       openFirewall = lib.mkOption {

@@ -124,13 +124,24 @@ async fn apply_unbounded(handle: &Handle, action: &Action) -> Result<Applied, Ac
             port_ifindex,
             ..
         } => {
-            link.set(
-                LinkUnspec::new_with_index(*port_ifindex)
-                    .controller(*bridge_ifindex)
-                    .build(),
-            )
-            .execute()
-            .await
+            let r = link
+                .set(
+                    LinkUnspec::new_with_index(*port_ifindex)
+                        .controller(*bridge_ifindex)
+                        .build(),
+                )
+                .execute()
+                .await;
+            // EINVAL when no device has the bridge's ifindex any more: its owner deleted it
+            // under the repair (libvirt's net-destroy). The kernel moved on, nothing failed.
+            if matches!(&r, Err(rtnetlink::Error::NetlinkError(e)) if -e.raw_code() == libc::EINVAL)
+                && get(handle, *bridge_ifindex).await.is_none()
+            {
+                if let Some(port) = get(handle, *port_ifindex).await {
+                    return Ok(Applied::Stale(snapshot(&port)));
+                }
+            }
+            r
         }
         Action::Forward { port_ifindex, .. } => {
             link.set_port(
@@ -143,6 +154,20 @@ async fn apply_unbounded(handle: &Handle, action: &Action) -> Result<Applied, Ac
         }
     };
     result.map(|()| Applied::Done).map_err(err)
+}
+
+/// The link with `ifindex` as the kernel has it now; `None` when there is none (or the lookup
+/// failed, which the caller treats the same: it only decides how to report a failure).
+async fn get(handle: &Handle, ifindex: u32) -> Option<LinkMessage> {
+    handle
+        .link()
+        .get()
+        .match_index(ifindex)
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]

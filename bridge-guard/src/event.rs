@@ -261,27 +261,28 @@ fn or_unknown<T: fmt::Display>(v: Option<T>) -> String {
 }
 
 /// The one-line human form used by `watch`: `virbr0 vnet0 blocking -> listening (tracepoint, by ip[1234])`.
+impl Change {
+    /// `br0 vnet0 listening -> learning`, `br0 vnet0 joined`, `br0 stp kernel -> off`.
+    pub fn describe(&self, f: &mut fmt::Formatter<'_>, bridge: &str, port: &str) -> fmt::Result {
+        match *self {
+            Self::PortState { old, new } => write!(
+                f,
+                "{bridge} {port} {} -> {}",
+                or_unknown(old),
+                or_unknown(new)
+            ),
+            Self::Join => write!(f, "{bridge} {port} joined"),
+            Self::Leave => write!(f, "{bridge} {port} left"),
+            Self::Stp { old, new } => {
+                write!(f, "{bridge} stp {} -> {}", or_unknown(old), or_unknown(new))
+            }
+        }
+    }
+}
+
 impl fmt::Display for KernelEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.change {
-            Change::PortState { old, new } => write!(
-                f,
-                "{} {} {} -> {}",
-                self.bridge,
-                self.port,
-                or_unknown(old),
-                or_unknown(new)
-            )?,
-            Change::Join => write!(f, "{} {} joined", self.bridge, self.port)?,
-            Change::Leave => write!(f, "{} {} left", self.bridge, self.port)?,
-            Change::Stp { old, new } => write!(
-                f,
-                "{} stp {} -> {}",
-                self.bridge,
-                or_unknown(old),
-                or_unknown(new)
-            )?,
-        }
+        self.change.describe(f, &self.bridge, &self.port)?;
         write!(f, " ({}, by {})", self.hook.tier(), self.actor)
     }
 }

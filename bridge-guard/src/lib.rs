@@ -14,6 +14,7 @@ pub mod event;
 pub mod exposition;
 pub mod membership;
 pub mod model;
+pub mod path_check;
 pub mod planner;
 pub mod rate;
 pub mod sources;

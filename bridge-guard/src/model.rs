@@ -86,6 +86,9 @@ pub struct Model {
     /// When the dump behind the last [`Model::reset`] was asked for: a kernel event stamped
     /// before it is older than that picture (its effect, or a later one, is in the dump).
     dumped_at: Ktime,
+    /// Guarded bridges (ifindex) that appeared while the agent watched and have not been up
+    /// yet, with when they appeared: their owner (libvirt's `net-start`) is still building them.
+    building: BTreeMap<u32, Ktime>,
 }
 
 /// A port state as eBPF saw it.
@@ -166,6 +169,30 @@ impl Model {
             }
         }
         self.stamps.remove(&ifindex);
+        self.building.remove(&ifindex);
+    }
+
+    /// Notes a guarded bridge appearing down (its owner is building it) and its first up.
+    fn note_building(&mut self, snap: &LinkSnapshot, now: Ktime) {
+        if snap.kind != LinkKind::Bridge || !self.guarded.contains(&snap.name) {
+            return;
+        }
+        if snap.admin_up {
+            self.building.remove(&snap.ifindex);
+        } else if !self.links.contains_key(&snap.ifindex) {
+            self.building.insert(snap.ifindex, now);
+        }
+    }
+
+    /// Since when guarded bridge `bridge_ifindex` has been built by its owner: it appeared
+    /// while the agent watched and has not been up yet.
+    pub fn building_since(&self, bridge_ifindex: u32) -> Option<Ktime> {
+        self.building.get(&bridge_ifindex).copied()
+    }
+
+    /// Every bridge still being built, with since when.
+    pub fn building(&self) -> impl Iterator<Item = (u32, Ktime)> + '_ {
+        self.building.iter().map(|(i, t)| (*i, *t))
     }
 
     pub fn links(&self) -> impl Iterator<Item = &LinkSnapshot> {
@@ -228,6 +255,11 @@ impl Model {
     /// Replaces every link with a fresh dump: the truth over anything older.
     pub fn reset(&mut self, links: Vec<LinkSnapshot>, now: Ktime) -> Vec<Transition> {
         self.links = links.into_iter().map(|l| (l.ifindex, l)).collect();
+        // A dump tells nothing of when a bridge appeared: only those already seen appearing
+        // and still down are being built.
+        let links = &self.links;
+        self.building
+            .retain(|i, _| links.get(i).is_some_and(|l| !l.admin_up));
         self.by_name = self
             .links
             .values()
@@ -281,6 +313,7 @@ impl Model {
                     };
                     snap.port_state = snap.master.and(kernel.or(snap.port_state));
                 }
+                self.note_building(&snap, now);
                 self.insert_link(snap);
             }
             NetlinkEvent::Removed { ifindex, name } => {
@@ -760,6 +793,57 @@ pub(crate) mod tests {
             m.moved().cloned().collect::<Vec<_>>(),
             [("br0".to_owned(), "vnet0".to_owned(), "br1".to_owned())]
         );
+    }
+
+    #[test]
+    fn a_bridge_that_appears_down_is_being_built_until_it_is_first_up() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(lab(), 0);
+        assert_eq!(
+            m.building_since(7),
+            None,
+            "present at the dump: already running"
+        );
+        let mut down = link(7, "br0", LinkKind::Bridge, None);
+        down.admin_up = false;
+        m.apply_netlink(NetlinkEvent::Link(down.clone()), 5);
+        assert_eq!(
+            m.building_since(7),
+            None,
+            "a running bridge set down is a fault"
+        );
+
+        let mut new = down.clone();
+        new.ifindex = 12;
+        m.apply_netlink(NetlinkEvent::Link(new.clone()), 10);
+        // Configuration changes while down do not restart the clock.
+        m.apply_netlink(NetlinkEvent::Link(new.clone()), 20);
+        assert_eq!(m.building_since(12), Some(10));
+        assert_eq!(m.building().collect::<Vec<_>>(), [(12, 10)]);
+        m.reset(vec![new.clone()], 25);
+        assert_eq!(m.building_since(12), Some(10), "a resync keeps it");
+        new.admin_up = true;
+        m.apply_netlink(NetlinkEvent::Link(new.clone()), 30);
+        assert_eq!(m.building_since(12), None);
+        new.admin_up = false;
+        m.apply_netlink(NetlinkEvent::Link(new), 40);
+        assert_eq!(m.building_since(12), None, "once up, it is running");
+
+        let mut gone = down;
+        gone.ifindex = 13;
+        m.apply_netlink(NetlinkEvent::Link(gone), 50);
+        m.apply_netlink(
+            NetlinkEvent::Removed {
+                ifindex: 13,
+                name: "br0".into(),
+            },
+            60,
+        );
+        assert_eq!(m.building_since(13), None);
+        let mut other = link(14, "br9", LinkKind::Bridge, None);
+        other.admin_up = false;
+        m.apply_netlink(NetlinkEvent::Link(other), 70);
+        assert_eq!(m.building_since(14), None, "not guarded");
     }
 
     fn kernel_state(port_ifindex: u32, state: PortState, at: Ktime) -> KernelEvent {

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     event::{PortState, StpMode},
-    model::Model,
+    model::{Ktime, Model},
     sources::netlink::{LinkKind, LinkSnapshot},
 };
 
@@ -221,16 +221,37 @@ fn hazard(port: &LinkSnapshot, model: &Model) -> Option<String> {
     }
 }
 
-/// Plans the repairs of every guarded bridge.
+/// How long a guarded bridge that appeared down is left to its owner before it is repaired
+/// anyway. libvirt's `net-start` creates its bridge down, configures it and raises it 70-150 ms
+/// later on a loaded 2-core machine; a bridge nobody raises is repaired after this.
+pub const SETTLE_NS: Ktime = 500_000_000;
+
+/// Plans the repairs of every guarded bridge, with every bridge's settle time over (for
+/// one-shot repairs, which see no bridge appear).
 pub fn plan(model: &Model, guards: &[Guard]) -> Plan {
+    plan_at(model, guards, Ktime::MAX)
+}
+
+/// Plans the repairs of every guarded bridge at `now` (CLOCK_MONOTONIC, as the model's times).
+pub fn plan_at(model: &Model, guards: &[Guard], now: Ktime) -> Plan {
     let mut plan = Plan::default();
     for guard in guards {
-        plan_bridge(model, guard, &mut plan);
+        plan_bridge(model, guard, &mut plan, now);
     }
     plan
 }
 
-fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
+/// When, after `now`, the next bridge's owner is given up on and it is repaired: the agent
+/// plans again then.
+pub fn settle_deadline(model: &Model, now: Ktime) -> Option<Ktime> {
+    model
+        .building()
+        .map(|(_, since)| since.saturating_add(SETTLE_NS))
+        .filter(|t| *t > now)
+        .min()
+}
+
+fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan, now: Ktime) {
     let policy = &guard.policy;
     let name = guard.bridge.as_str();
     let refuse = |plan: &mut Plan, reason: String| {
@@ -242,6 +263,15 @@ fn plan_bridge(model: &Model, guard: &Guard, plan: &mut Plan) {
     let Some(br) = model.bridge(name) else {
         return; // Not there (yet): recreating it is its owner's job; we re-attach when it returns.
     };
+    // Its owner is still building it (created down, being configured): leave it alone until
+    // the owner raises it, or the settle time is over. Fighting libvirt's net-start here once
+    // cost it the bridge.
+    if model
+        .building_since(br.ifindex)
+        .is_some_and(|since| now < since.saturating_add(SETTLE_NS))
+    {
+        return;
+    }
     let ports: Vec<&LinkSnapshot> = model.ports_of(br.ifindex).collect();
 
     let mut hazards: Vec<String> = ports.iter().filter_map(|p| hazard(p, model)).collect();
@@ -490,6 +520,50 @@ mod tests {
                 port_ifindex: 9
             }]
         );
+    }
+
+    #[test]
+    fn a_bridge_its_owner_is_still_building_is_left_alone_until_up_or_settled() {
+        let mut m = model(vec![bridge(7, "br0", StpMode::Off), port_on(9, 7)]);
+        // A running bridge set down is repaired at once, whatever the time.
+        let mut down = bridge(7, "br0", StpMode::Off);
+        down.admin_up = false;
+        m.apply_netlink(NetlinkEvent::Link(down.clone()), 1_000);
+        assert!(!plan_at(&m, &guard("br0"), 1_000).actions.is_empty());
+        // Deleted and created again by its owner: down, STP on, its port not back yet.
+        m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            2_000,
+        );
+        m.apply_netlink(
+            NetlinkEvent::Removed {
+                ifindex: 7,
+                name: "br0".into(),
+            },
+            2_000,
+        );
+        let mut new = bridge(30, "br0", StpMode::Kernel);
+        new.admin_up = false;
+        m.apply_netlink(NetlinkEvent::Link(new.clone()), 3_000);
+        assert_eq!(plan_at(&m, &guard("br0"), 3_000), Plan::default());
+        assert_eq!(settle_deadline(&m, 3_000), Some(3_000 + SETTLE_NS));
+        // Nobody raised it: repaired once the settle time is over.
+        let late = plan_at(&m, &guard("br0"), 3_000 + SETTLE_NS);
+        assert_eq!(late.actions.len(), 3, "{late:?}");
+        assert_eq!(settle_deadline(&m, 3_000 + SETTLE_NS), None);
+        // Its owner raised it: repaired at once.
+        new.admin_up = true;
+        m.apply_netlink(NetlinkEvent::Link(new), 3_100);
+        let kinds: Vec<&str> = plan_at(&m, &guard("br0"), 3_100)
+            .actions
+            .iter()
+            .map(Action::kind)
+            .collect();
+        assert_eq!(kinds, ["stp_off", "reattach"]);
+    }
+
+    fn port_on(ifindex: u32, master: u32) -> LinkSnapshot {
+        link(ifindex, "vnet0", LinkKind::Veth, Some(master))
     }
 
     #[test]

@@ -15,7 +15,12 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use netlab::read_lines;
 pub use netlab::{NetNs, VmLab, http_get};
+
+pub mod apt;
+pub mod scrape;
 use serde_json::Value;
+
+pub mod libvirt;
 
 /// Prefix of every namespace the tests create; distinct from the bench's and the demo's, so
 /// that none sweeps the others' namespaces.
@@ -47,6 +52,12 @@ pub fn agent_bin() -> PathBuf {
     );
     bin
 }
+
+/// What an agent's start waits for: a description, and the log line that ends the wait.
+pub type Until<'a> = (&'a str, &'a dyn Fn(&str) -> bool);
+
+/// The readiness line the agent prints once hooks are attached and the first reconcile done.
+const READY: Until<'static> = ("the readiness line", &|l: &str| l.contains("ready:"));
 
 /// The real agent as a child process in a namespace; killed on drop.
 pub struct Agent {
@@ -85,11 +96,27 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::run_inner(ns, wrapper, args, env, READY)
+    }
+
+    /// [`Agent::run`] that returns at the first log line matching `until` instead of the
+    /// readiness line: e.g. a line the agent logs while starting, to pause it there.
+    pub fn run_until(ns: &NetNs, args: &[&str], until: Until<'_>) -> Result<Self> {
+        Self::run_inner(ns, &[], args, &[], until)
+    }
+
+    fn run_inner(
+        ns: &NetNs,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        until: Until<'_>,
+    ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-state", ns.name));
         let dir_arg = dir.to_string_lossy().into_owned();
         let mut all = vec!["run", "--state-dir", dir_arg.as_str()];
         all.extend_from_slice(args);
-        let mut agent = Self::spawn_with(ns, wrapper, &all, env)?;
+        let mut agent = Self::spawn_inner(ns, wrapper, &all, env, until)?;
         agent.state_dir = dir;
         Ok(agent)
     }
@@ -105,6 +132,16 @@ impl Agent {
         wrapper: &[&str],
         args: &[&str],
         env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::spawn_inner(ns, wrapper, args, env, READY)
+    }
+
+    fn spawn_inner(
+        ns: &NetNs,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+        (what, until): Until<'_>,
     ) -> Result<Self> {
         let mut cmd = match wrapper.split_first() {
             Some((program, rest)) => {
@@ -146,9 +183,7 @@ impl Agent {
             ready: String::new(),
             state_dir: PathBuf::new(),
         };
-        agent.ready = agent.wait_log("the readiness line", Duration::from_secs(60), |l| {
-            l.contains("ready:")
-        })?;
+        agent.ready = agent.wait_log(what, Duration::from_secs(60), until)?;
         Ok(agent)
     }
 
@@ -237,9 +272,11 @@ impl Agent {
             .args(["status", "--json", "--state-dir"])
             .arg(&self.state_dir)
             .output()?;
+        // Exit 1 or 4 says a bridge is unhealthy or refused: the state is printed all the same.
         anyhow::ensure!(
-            out.status.success(),
-            "status failed: {}",
+            matches!(out.status.code(), Some(0 | 1 | 4)),
+            "status failed ({}): {}",
+            out.status,
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(serde_json::from_slice(&out.stdout)?)
@@ -264,20 +301,6 @@ impl Agent {
             },
         )?;
         Ok(last)
-    }
-
-    /// `ADDR:PORT` of the agent's metrics server, from its readiness line (run it with
-    /// `--metrics 127.0.0.1:0` to get a free port).
-    pub fn metrics_addr(&self) -> Result<String> {
-        let url = self
-            .ready
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("http://"))
-            .with_context(|| format!("the readiness line names no metrics URL: {}", self.ready))?;
-        Ok(url
-            .trim_end_matches(')')
-            .trim_end_matches("/metrics")
-            .to_owned())
     }
 
     /// The agent's process id.
@@ -364,6 +387,43 @@ impl Drop for Agent {
             let _ = std::fs::remove_dir_all(&self.state_dir);
         }
     }
+}
+
+/// Waits until `problem` finds none, re-checking it on every link notification in `ns`
+/// (`ip monitor link`), never on a timer; fails after `timeout` with the last problem found.
+pub fn wait_on_links(
+    ns: &NetNs,
+    what: &str,
+    timeout: Duration,
+    mut problem: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
+    let mut monitor = Command::new("ip")
+        .args(["-n", &ns.name, "monitor", "link"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ip monitor")?;
+    let stdout = monitor.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    read_lines(stdout, move |line| tx.send(line).is_ok());
+    let deadline = Instant::now() + timeout;
+    let result = loop {
+        // Checked after the monitor started, so no change can slip between check and wait.
+        let why = match problem() {
+            Ok(None) => break Ok(()),
+            Ok(Some(why)) => why,
+            Err(e) => break Err(e),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            break Err(anyhow::anyhow!(
+                "timed out after {timeout:?} waiting for {what}: {why}"
+            ));
+        }
+    };
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    result
 }
 
 /// Waits until `problem` finds nothing wrong (`None`), checking it again each time a file in
@@ -487,31 +547,12 @@ impl VmLabChecks for VmLab {
         timeout: Duration,
         problem: impl Fn(&Self) -> Result<Option<String>>,
     ) -> Result<()> {
-        let mut monitor = Command::new("ip")
-            .args(["-n", &self.host.name, "monitor", "link"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting ip monitor")?;
-        let stdout = monitor.stdout.take().context("no stdout")?;
-        let (tx, rx) = mpsc::channel();
-        read_lines(stdout, move |line| tx.send(line).is_ok());
-        let deadline = Instant::now() + timeout;
-        let result = loop {
-            // Checked after the monitor started, so no change can slip between check and wait.
-            let why = match problem(self) {
-                Ok(None) => break Ok(()),
-                Ok(Some(why)) => why,
-                Err(e) => break Err(e),
-            };
-            let left = deadline.saturating_duration_since(Instant::now());
-            if rx.recv_timeout(left).is_err() {
-                break Err(anyhow::anyhow!("lab not {what} after {timeout:?}: {why}"));
-            }
-        };
-        let _ = monitor.kill();
-        let _ = monitor.wait();
-        result
+        wait_on_links(
+            &self.host,
+            &format!("the lab to be {what}"),
+            timeout,
+            || problem(self),
+        )
     }
 
     fn stp_state(&self) -> Result<u64> {

@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use integration_tests::{Agent, PREFIX, TALK, VmLab, VmLabChecks as _, http_get, skip_unless_root};
+use integration_tests::{Agent, PREFIX, TALK, VmLab, VmLabChecks as _, skip_unless_root};
 use prometheus_parse::{Scrape, Value};
 
 /// Bound for one repair to show: they take about a millisecond, or one rate-limit slot
@@ -39,8 +39,7 @@ fn healthy(lab: &VmLab) -> anyhow::Result<()> {
 }
 
 fn scrape(lab: &VmLab, agent: &Agent) -> anyhow::Result<Scrape> {
-    let body = http_get(&lab.host.name, &agent.metrics_addr()?, "/metrics")?;
-    Ok(Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
+    integration_tests::scrape::scrape(&lab.host.name, agent)
 }
 
 /// Successful repairs of `action` on br0, from `/metrics`.

@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use integration_tests::{
-    Agent, PREFIX, VmLab, VmLabChecks as _, agent_bin, http_get, skip_unless_root,
+    Agent, PREFIX, VmLab, VmLabChecks as _, agent_bin,
+    scrape::{find, histogram, parse, value},
+    skip_unless_root,
 };
-use prometheus_parse::{Sample, Scrape, Value as PromValue};
+use prometheus_parse::Scrape;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -15,34 +17,7 @@ const WAIT: Duration = Duration::from_secs(30);
 const TOLERANCE: f64 = 0.25;
 
 fn scrape(lab: &VmLab, agent: &Agent) -> anyhow::Result<Scrape> {
-    let body = http_get(&lab.host.name, &agent.metrics_addr()?, "/metrics")?;
-    Ok(Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
-}
-
-fn find<'a>(scrape: &'a Scrape, name: &str, labels: &[(&str, &str)]) -> Option<&'a Sample> {
-    scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-}
-
-fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-    match find(scrape, name, labels).map(|s| &s.value) {
-        Some(PromValue::Counter(v) | PromValue::Gauge(v) | PromValue::Untyped(v)) => *v,
-        other => panic!("no {name}{labels:?} in the scrape: {other:?}"),
-    }
-}
-
-/// (count, sum) of a histogram.
-fn histogram(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> (f64, f64) {
-    match find(scrape, name, labels).map(|s| &s.value) {
-        Some(PromValue::Histogram(buckets)) => {
-            let count = buckets.iter().map(|b| b.count).fold(0.0, f64::max);
-            let sum = value(scrape, &format!("{name}_sum"), labels);
-            (count, sum)
-        }
-        other => panic!("no histogram {name}{labels:?}: {other:?}"),
-    }
+    integration_tests::scrape::scrape(&lab.host.name, agent)
 }
 
 fn near(actual: f64, expected: f64, what: &str) {
@@ -153,20 +128,31 @@ fn observe_only_accounts_listening_and_learning_in_logs_and_metrics() -> anyhow:
         ),
         1.0
     );
-    let (count, sum) = histogram(&s, "bridge_guard_port_listening_seconds", &port);
+    let bridge = [("bridge", "br0")];
+    let (count, sum) = histogram(&s, "bridge_guard_listening_seconds", &bridge);
     assert_eq!(count, 1.0);
     near(sum, 2.0, "listening histogram sum");
-    let (count, sum) = histogram(&s, "bridge_guard_port_outage_seconds", &port);
+    let (count, sum) = histogram(&s, "bridge_guard_outage_seconds", &bridge);
     assert_eq!(count, 1.0);
     near(sum, 4.0, "outage histogram sum");
+    assert_eq!(value(&s, "bridge_guard_port_outages_total", &port), 1.0);
+    near(
+        value(&s, "bridge_guard_port_outage_seconds_total", &port),
+        4.0,
+        "outage counter",
+    );
     assert_eq!(
         value(&s, "bridge_guard_hook_info", &[("hook", "port-state")]),
         1.0
     );
     assert!(
-        find(&s, "bridge_guard_repairs_total", &[]).is_none(),
+        s.samples
+            .iter()
+            .filter(|x| x.metric == "bridge_guard_repairs_total")
+            .all(|x| matches!(x.value, prometheus_parse::Value::Counter(v) if v == 0.0)),
         "observe-only repaired something"
     );
+    assert_eq!(value(&s, "bridge_guard_observe_only", &[]), 1.0);
     assert_eq!(
         value(
             &s,
@@ -190,7 +176,7 @@ fn observe_only_accounts_listening_and_learning_in_logs_and_metrics() -> anyhow:
 
     // The textfile parses the same way (written when the state changed).
     let text = std::fs::read_to_string(&textfile)?;
-    let parsed = Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))?;
+    let parsed = parse(&text)?;
     assert!(
         find(
             &parsed,

@@ -698,7 +698,7 @@ fn the_nix_files_parse_and_the_module_follows_nixpkgs() -> Result<()> {
             "openFirewall",
             "ReadWritePaths",
             "notify-reload",
-            "9632",
+            "19469",
         ],
     )?;
     assert_contains(

@@ -234,3 +234,48 @@ fn membership_and_stp_changes_name_the_process_that_made_them() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[test]
+fn on_netlink_alone_watch_says_so_and_filters_by_bridge_and_port() -> anyhow::Result<()> {
+    if skip_unless_root("on_netlink_alone_watch_says_so_and_filters_by_bridge_and_port") {
+        return Ok(());
+    }
+    let lab = NetNs::new(PREFIX, "watchnl")?;
+    lab.stp_bridge("br0")?;
+    lab.stp_bridge("br1")?;
+    let mut agent = Agent::watch(&lab, &["--no-ebpf", "--bridge", "br0", "--port", "vnet*"])?;
+    assert!(agent.ready.contains("netlink only"), "{}", agent.ready);
+    assert!(
+        agent.log_text().contains("watching netlink alone"),
+        "{}",
+        agent.log_text()
+    );
+    // Filtered out: another bridge, and a port not matching the glob.
+    lab.veth_port("br1", "vnet1", "guest1")?;
+    lab.veth_port("br0", "tap0", "guestt")?;
+    lab.veth_port("br0", "vnet0", "guest0")?;
+    let fwd = agent.wait_for("vnet0 forwarding", STP_WALK, |e| {
+        is_port_state(e, "vnet0", "forwarding")
+    })?;
+    assert_eq!(fwd["tier"], "netlink", "{fwd}");
+    assert_eq!(fwd["old"], "learning", "{fwd}");
+    assert!(fwd["in_from_ns"].as_u64().is_some(), "{fwd}");
+    assert!(
+        agent
+            .seen
+            .iter()
+            .all(|e| e["bridge"] == "br0"
+                && e["port"].as_str().is_some_and(|p| p.starts_with("vnet"))),
+        "the filters let through: {:?}",
+        agent.seen
+    );
+    assert!(
+        agent
+            .seen
+            .iter()
+            .any(|e| e["kind"] == "join" && e["port"] == "vnet0"),
+        "no join: {:?}",
+        agent.seen
+    );
+    Ok(())
+}

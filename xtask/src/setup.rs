@@ -272,25 +272,46 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("setpriv", "util-linux"),
     ("systemd-analyze", "systemd"),
     ("nix-instantiate", "nix-bin"),
+    // The libvirt lab (tests/src/libvirt.rs): Debian's libvirt with its qemu and network
+    // drivers, which run dnsmasq and iptables for a network, and qemu for the guests.
+    ("libvirtd", "libvirt-daemon"),
+    ("virsh", "libvirt-clients"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("iptables", "iptables"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
     // The unit under a real systemd: a debootstrap'd Debian booted by systemd-nspawn.
     ("systemd-nspawn", "systemd-container"),
     ("debootstrap", "debootstrap"),
 ];
 
+/// Files that tell a package is installed where no command does.
+const TEST_FILES: &[(&str, &str)] = &[(
+    "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so",
+    "libvirt-daemon-driver-qemu",
+)];
+
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
+        // libvirtd and iptables live in sbin, which a user's PATH may lack.
+        .chain(["/usr/sbin".into(), "/sbin".into()])
         .any(|d| d.join(program).is_file())
 }
 
 /// Installs, with apt, the commands the tests need and this machine lacks.
 pub fn ensure_test_tools() -> Result<()> {
-    let missing: Vec<&str> = TEST_TOOLS
+    let mut missing: Vec<&str> = TEST_TOOLS
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.extend(
+        TEST_FILES
+            .iter()
+            .filter(|(file, _)| !Path::new(file).exists())
+            .map(|(_, pkg)| *pkg),
+    );
     if missing.is_empty() {
         return Ok(());
     }
@@ -301,10 +322,13 @@ pub fn ensure_test_tools() -> Result<()> {
         );
     }
     step(&format!("installing test tools: {}", missing.join(" ")));
-    crate::run(Command::new("apt-get").arg("update").arg("-q"))
+    // Other engineers' and CI's apt runs may hold the lock: wait for it rather than fail.
+    let lock = ["-o", "DPkg::Lock::Timeout=600"];
+    crate::run(Command::new("apt-get").args(lock).arg("update").arg("-q"))
         .context("apt-get update failed: check that the Debian archive is reachable")?;
     crate::run(
         Command::new("apt-get")
+            .args(lock)
             .args(["install", "-y", "-q", "--no-install-recommends"])
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),

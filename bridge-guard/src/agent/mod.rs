@@ -28,7 +28,7 @@ use crate::{
     event::{Actor, DecodeError, KernelEvent},
     membership,
     model::{Ktime, Model, Transition},
-    planner::{Action, Guard, Refusal},
+    planner::{self, Action, Guard, Refusal},
     rate::{self, RateLimiter},
     sources::{
         ebpf::{
@@ -45,6 +45,9 @@ use self::repair::Requests;
 
 /// How long published state may lag the model: coalesces bursts of changes into one write.
 const PUBLISH_DELAY: Duration = Duration::from_millis(5);
+/// How often the state file is rewritten even when nothing changed: `status` judges a state
+/// file older than a few of these as left by an agent that is not running.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// Notifications taken per turn: bounded, so that a flood leaves timers their turn.
 const NETLINK_BATCH: usize = 4096;
 /// How soon a resync that failed is tried again.
@@ -74,8 +77,8 @@ pub struct Config {
 pub enum AgentError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    #[error("the netlink connection closed")]
-    NetlinkClosed,
+    #[error("reading link notifications")]
+    Notifications(#[source] std::io::Error),
     #[error("reading the eBPF ring buffer")]
     Ring(#[source] std::io::Error),
 }
@@ -203,7 +206,7 @@ impl Agent {
             observed: BTreeSet::new(),
             refusals: Vec::new(),
             repairs: BTreeMap::new(),
-            accounting: Arc::new(Mutex::new(Accounting::default())),
+            accounting: Arc::new(Mutex::new(Accounting::new())),
             lost_seen: 0,
             unlogged: Vec::new(),
             lines: Coalescer::default(),
@@ -224,10 +227,9 @@ impl Agent {
         {
             let mut acc = agent.acc();
             acc.hooks = hooks;
-            // Every series a dashboard rates starts at zero, not at its first event.
-            for source in ["ebpf", "netlink"] {
-                acc.events.entry(source).or_default();
-            }
+            // Every guarded bridge's series exist from the start, at zero.
+            acc.guard(agent.cfg.guards.iter().map(|g| g.bridge.as_str()));
+            acc.observe = agent.cfg.observe;
         }
         Ok(agent)
     }
@@ -280,16 +282,34 @@ impl Agent {
                 "every link dump was interrupted by concurrent changes: using the last one, and \
                  dumping again in {FOLLOW_UP:?}"
             );
-            self.resync_in(FOLLOW_UP, "inconsistent-dump");
+            self.resync_in(FOLLOW_UP, "inconsistent_dump");
         }
         let links = dump.links;
         match netlink::mrp_bridges(&self.netlink.handle).await {
             Ok(mrp) => self.model.set_mrp(mrp),
             Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
         }
+        // Before the reset, so that the ports libvirt names are tracked (and published) from
+        // this dump on, detached ones too: ready means every port is known. Each interface also
+        // carries what `bridge_guard_port_info` shows (domain, MAC).
+        let interfaces = membership::libvirt_ports(&self.cfg.libvirt_dir);
+        for i in &interfaces {
+            self.model.remember(&i.bridge, &i.dev);
+        }
         let transitions = self.model.reset_from_dump(links, asked, monotonic_ns());
-        for (bridge, port) in membership::libvirt_ports(&self.cfg.libvirt_dir) {
-            self.model.remember(&bridge, &port);
+        {
+            let mut acc = self.acc();
+            acc.port_info = interfaces
+                .into_iter()
+                .filter(|i| self.model.track(&i.dev).is_some())
+                .map(|i| {
+                    let info = crate::accounting::PortInfo {
+                        domain: i.domain,
+                        mac: i.mac,
+                    };
+                    (i.dev, info)
+                })
+                .collect();
         }
         self.record_transitions(&transitions);
         self.acc().on_resync(reason);
@@ -348,6 +368,8 @@ impl Agent {
         let mut batch = Vec::new();
         let mut notices = Vec::new();
         let mut publish_at: Option<Instant> = None;
+        // The state file's timestamp is the agent's heartbeat for `status`.
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         let mut reloaded = None;
         loop {
             let wake = self.next_wakeup();
@@ -385,6 +407,11 @@ impl Agent {
                     self.log_summary();
                     continue;
                 }
+                _ = heartbeat.tick() => {
+                    self.dirty = true;
+                    self.publish();
+                    continue;
+                }
                 _ = reconcile.tick() => self.request_resync("periodic"),
                 Some(r) = async {
                     match self.reloads.as_mut() {
@@ -397,8 +424,8 @@ impl Agent {
                 }
                 Some(a) = self.requests.next(), if !self.requests.is_empty() => answers = Some(a),
                 r = ebpf_next => r.map_err(AgentError::Ring)?,
-                ev = netlink::next_event(&mut self.netlink.notifications) => {
-                    notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
+                ev = self.netlink.notifications.recv() => {
+                    notices.push(ev.map_err(AgentError::Notifications)?);
                 }
                 () = sleep_until(wake) => {}
             }
@@ -451,6 +478,7 @@ impl Agent {
             .filter_map(|(key, _)| self.limiter.wait_until(key, now))
             .chain(self.limiter.next_tick())
             .chain(self.lines.next_due())
+            .chain(planner::settle_deadline(&self.model, now))
             .min()
             .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
         at.into_iter()
@@ -468,13 +496,18 @@ impl Agent {
         if let Some(ev) = self.events.as_mut() {
             ev.drain(batch, ring::BATCH);
         }
-        let mut taken = 0;
-        while taken < NETLINK_BATCH {
-            let Ok((msg, _)) = self.netlink.notifications.try_recv() else {
-                break;
-            };
-            taken += 1;
-            notices.extend(netlink::decode(&msg));
+        // Bounded per turn; what is left waits in the kernel's buffer (a flood overflows it
+        // into a resync rather than into the agent's memory).
+        while notices.len() < NETLINK_BATCH {
+            match self.netlink.notifications.try_recv() {
+                Ok(Some(ev)) => notices.push(ev),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("reading link notifications: {e}; resyncing from a dump");
+                    self.request_resync("netlink_overrun");
+                    break;
+                }
+            }
         }
         if !batch.is_empty() {
             *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
@@ -486,9 +519,9 @@ impl Agent {
                     "eBPF events were lost (ring buffer full): resyncing from a dump"
                 );
                 self.lost_seen = lost;
-                self.acc().ringbuf_lost = lost;
-                self.request_resync("ebpf-lost");
-                self.resync_in(FOLLOW_UP, "ebpf-lost-follow-up");
+                self.acc().note_lost_total("ebpf", lost);
+                self.request_resync("ebpf_lost");
+                self.resync_in(FOLLOW_UP, "follow_up");
             }
         }
         for ev in batch.drain(..) {
@@ -507,8 +540,9 @@ impl Agent {
                     tracing::warn!(
                         "netlink notifications were lost (ENOBUFS): resyncing from a dump"
                     );
-                    self.request_resync("netlink-overrun");
-                    self.resync_in(FOLLOW_UP, "netlink-overrun-follow-up");
+                    self.acc().on_lost("netlink", 1);
+                    self.request_resync("netlink_overrun");
+                    self.resync_in(FOLLOW_UP, "follow_up");
                 }
                 ev => self.apply_netlink(ev),
             }

@@ -95,7 +95,7 @@ impl Agent {
     }
 
     fn repair(&mut self, woke: Ktime, now: Ktime) {
-        let plan = planner::plan(&self.model, &self.cfg.guards);
+        let plan = planner::plan_at(&self.model, &self.cfg.guards, now);
         for r in &plan.refusals {
             if !self.refusals.contains(r) {
                 tracing::warn!(bridge = %r.bridge, "refused: {}", r.reason);
@@ -104,6 +104,15 @@ impl Agent {
         if plan.refusals != self.refusals {
             self.refusals.clone_from(&plan.refusals);
             self.dirty = true;
+            let mut acc = self.acc();
+            for g in &self.cfg.guards {
+                let n = self
+                    .refusals
+                    .iter()
+                    .filter(|r| r.bridge == g.bridge)
+                    .count();
+                acc.set_refusals(&g.bridge, n as u64);
+            }
         }
         if self.cfg.observe {
             let keys: BTreeSet<String> = plan.actions.iter().map(Action::key).collect();
@@ -236,22 +245,6 @@ impl Agent {
                         sent.fault
                     );
                 }
-                // The bridge went away under a re-attach (EINVAL: no such master): deleting a
-                // bridge detaches its ports one by one before the bridge itself goes. Said at
-                // once only the first time; if it persists for this bridge, it is a failure.
-                Err(e)
-                    if e.errno() == Some(libc::EINVAL)
-                        && action.kind() == "reattach"
-                        && !self.failures.contains_key(&sent.key) =>
-                {
-                    tracing::info!(
-                        "repair overtaken: {}: {} (is {} being deleted?)",
-                        crate::error_chain(&e),
-                        sent.fault,
-                        action.bridge()
-                    );
-                    self.failures.insert(sent.key.clone(), (0, 0));
-                }
                 // STP came back on between the STP-off and this: the plan sends STP-off again
                 // first.
                 Err(e) if e.errno() == Some(libc::EBUSY) && action.kind() == "force_forwarding" => {
@@ -265,8 +258,8 @@ impl Agent {
                         "{}: abandoned; resyncing from a dump",
                         crate::error_chain(&e)
                     );
-                    self.acc().on_unanswered(action.bridge(), action.kind());
-                    self.request_resync("request-timeout");
+                    self.acc().on_unconfirmed(action.bridge(), action.kind());
+                    self.request_resync("request_timeout");
                 }
                 Err(e) => {
                     self.acc()

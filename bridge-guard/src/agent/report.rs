@@ -113,7 +113,7 @@ impl Agent {
                 blocking_s = %secs(PortState::Blocking),
                 disabled_s = %secs(PortState::Disabled),
                 detached_s = %secs(PortState::Detached),
-                outages = p.outages.count,
+                outages = p.outages,
                 longest_outage_ms = p.longest_outage_ns / 1_000_000,
                 last_outage_ms = p.last_episode.as_ref().map(|e| e.duration_ns(now) / 1_000_000),
                 repairs = p.repairs,
@@ -174,7 +174,7 @@ impl Agent {
                         .fights()
                         .filter(|(k, _)| k.bridge == g.bridge)
                         .map(|(k, f)| FightStatus {
-                            action: super::repair::describe(k),
+                            action: k.kind.to_owned(),
                             actor: f.actor.clone(),
                             count: f.repairs,
                             last_unix_ns: unix(f.last_repair),
@@ -188,6 +188,7 @@ impl Agent {
             updated_unix_ns: unix(now),
             hooks: self.hooks_summary(),
             observe: self.cfg.observe,
+            heartbeat_secs: super::HEARTBEAT.as_secs(),
             bridges,
             tables: self.tables(),
         }
@@ -228,7 +229,7 @@ impl Agent {
         }
         self.dirty = false;
         if let Some(ev) = &self.events {
-            self.acc().ringbuf_lost = ev.lost();
+            self.acc().note_lost_total("ebpf", ev.lost());
         }
         if let Some(path) = &self.cfg.metrics_textfile {
             if let Err(e) = exposition::write_textfile(path, &self.acc()) {

@@ -1,19 +1,73 @@
-//! `bridge-guard doctor`: what this kernel allows, and which hook tier each observation gets.
+//! `bridge-guard doctor`: what this kernel allows, and which hook tier each observation gets;
+//! with `--path BRIDGE`, what stops the bridge's VM traffic beyond layer 2.
 
 use std::fmt::Write as _;
 
 use serde_json::json;
 
 use crate::{
+    path_check,
     sources::ebpf::{self, FD_TIMER_SYMBOL, Options, Probes, hooks::Outcome, offsets},
-    sys::{caps, kallsyms},
+    sys::{
+        caps,
+        color::{ColorChoice, Style},
+        kallsyms,
+    },
 };
 
 #[derive(Debug, clap::Args)]
+#[command(after_help = "With --path, the exit status is 1 when a cause was found, else 0.")]
 pub struct Args {
     /// Print the report as one JSON object.
-    #[arg(long)]
+    #[arg(short = 'j', long)]
     json: bool,
+    /// Instead of the hook report: check BRIDGE and what stops its VMs' traffic beyond layer
+    /// 2 (a VPN's default route, firewall drops, strict rp_filter, forwarding off, no
+    /// DHCP/DNS server), each cause with its evidence and a fix. Changes nothing.
+    #[arg(long, value_name = "BRIDGE", value_parser = super::guard_args::bridge_name)]
+    path: Option<String>,
+    /// Colour the report.
+    #[arg(long, value_enum, default_value_t, value_name = "WHEN")]
+    color: ColorChoice,
+}
+
+/// `doctor --path BRIDGE`.
+fn path(bridge: &str, args: &Args) -> anyhow::Result<()> {
+    let report = path_check::check(bridge)?;
+    if args.json {
+        println!("{:#}", serde_json::to_value(&report)?);
+    } else {
+        let style = Style::stdout(args.color);
+        let mut out = String::new();
+        let w = &mut out;
+        writeln!(w, "bridge-guard doctor --path {bridge}")?;
+        if !report.summary.is_empty() {
+            writeln!(w, "  {}", report.summary)?;
+        }
+        for (i, f) in report.findings.iter().enumerate() {
+            writeln!(w, "\n  {}. {}", i + 1, style.bad(&f.cause))?;
+            for e in &f.evidence {
+                writeln!(w, "     evidence: {e}")?;
+            }
+            writeln!(w, "     fix: {}", f.fix)?;
+        }
+        for s in &report.skipped {
+            writeln!(w, "\n  {} {s}", style.warn("not checked:"))?;
+        }
+        if report.findings.is_empty() {
+            writeln!(
+                w,
+                "\n  {}",
+                style.good("nothing found that stops the VMs' traffic")
+            )?;
+        }
+        print!("{out}");
+    }
+    if report.findings.is_empty() {
+        Ok(())
+    } else {
+        Err(super::status::Exit(1).into())
+    }
 }
 
 fn kernel_release() -> String {
@@ -34,6 +88,9 @@ fn bridge_code(opts: &Options) -> String {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    if let Some(bridge) = &args.path {
+        return path(bridge, args);
+    }
     let opts = Options::default();
     let caps = caps::Caps::current().ok();
     let (facts, btf) = ebpf::KernelFacts::gather(&opts);

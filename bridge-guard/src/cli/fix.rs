@@ -46,8 +46,8 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
             args.bridge
         );
     }
-    for (bridge, port) in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
-        model.remember(&bridge, &port);
+    for i in membership::libvirt_ports(&args.policy.libvirt_dir(&settings)) {
+        model.remember(&i.bridge, &i.dev);
     }
     let plan = planner::plan(&model, &guards);
     for r in &plan.refusals {

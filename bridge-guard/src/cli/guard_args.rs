@@ -27,8 +27,9 @@ pub struct PolicyArgs {
     /// `vnet*`. Repeatable; added to the configuration's `ports`.
     #[arg(long, value_name = "GLOB")]
     pub port_pattern: Vec<String>,
-    /// Where libvirt keeps live domain XML, read for which taps belong to which bridge
-    /// [default: /run/libvirt/qemu].
+    /// libvirt's run directory (`/run/libvirt`) or its `qemu` subdirectory: live domain XML
+    /// (`qemu/*.xml`) and active networks' status (`network/*.xml`) say which tap belongs to
+    /// which bridge [default: /run/libvirt/qemu].
     #[arg(long, value_name = "DIR")]
     pub libvirt_dir: Option<PathBuf>,
     /// The configuration file [default: /etc/bridge-guard/config.toml, if it exists].

@@ -88,11 +88,12 @@ enum Command {
     ///
     /// Example: `bridge-guard fix virbr0 --port-pattern 'vnet*'`.
     Fix(fix::Args),
-    /// Check a configuration file without running anything: every error with file:line:column
-    /// and a hint; exits 1 if there is any.
+    /// Check a configuration file (default /etc/bridge-guard/config.toml) without running
+    /// anything: every error with file:line:column and a hint; exits 1 if there is any.
     CheckConfig(check_config::Args),
     /// Show what the running agent knows: each guarded bridge and port, its state and since
-    /// when, STP, carrier, repairs and refusals.
+    /// when, STP, carrier, repairs, refusals, and who keeps undoing repairs with the lasting
+    /// fix; exits 0 only when every guarded bridge is healthy. Works for any user.
     Status(status::Args),
     /// Print bridge events as the kernel makes them: port states, joins, leaves, STP changes.
     ///
@@ -101,6 +102,9 @@ enum Command {
     Watch(watch::Args),
     /// Report what this kernel allows: BTF, offsets, capabilities, and the hook tier chosen for
     /// each observation, with the reason better tiers failed. Always exits 0.
+    ///
+    /// `doctor --path virbr0` instead checks what stops virbr0's VM traffic beyond layer 2:
+    /// a VPN's default route, firewall drops, strict rp_filter, forwarding off, no DHCP/DNS.
     Doctor(doctor::Args),
     /// Print a shell completion script.
     ///
@@ -222,6 +226,10 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // ops: a report already printed, ending with its documented exit status.
+        Err(e) if e.downcast_ref::<status::Exit>().is_some() => {
+            ExitCode::from(e.downcast_ref::<status::Exit>().map_or(1, |x| x.0))
+        }
         Err(e) => {
             eprintln!("bridge-guard: error: {e:#}");
             ExitCode::from(if checking { 1 } else { exit_code(&e) })
@@ -231,9 +239,7 @@ pub fn main() -> ExitCode {
 
 /// Writes `contents` to `path` atomically, so a reader never sees half a file.
 pub(crate) fn write_atomically(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents)?;
-    std::fs::rename(&tmp, path)
+    crate::sys::fs::write_atomically(path, contents)
 }
 
 #[cfg(test)]

@@ -48,9 +48,16 @@ pub struct Args {
     /// Once hooks are attached and the first reconcile is done, write the hook summary here.
     #[arg(long, value_name = "PATH")]
     ready_file: Option<PathBuf>,
-    /// Serve Prometheus metrics on PORT (127.0.0.1) or ADDRESS:PORT, e.g. `--metrics 9632`.
-    /// Off unless given; it is unauthenticated, so keep it on loopback unless you mean it.
-    #[arg(long, value_name = "ADDR", value_parser = exposition::parse_addr)]
+    /// Serve Prometheus metrics on PORT (127.0.0.1) or ADDRESS:PORT; `--metrics` alone serves
+    /// on 127.0.0.1:19469. Off unless given; it is unauthenticated, so keep it on loopback
+    /// unless you mean it.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        value_parser = exposition::parse_addr,
+        num_args = 0..=1,
+        default_missing_value = exposition::DEFAULT_ADDR
+    )]
     metrics: Option<SocketAddr>,
     /// Also keep the metrics in this file, for node_exporter's textfile collector
     /// (e.g. /var/lib/node_exporter/textfile/bridge-guard.prom).
@@ -182,7 +189,7 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     let (guards, observe) = policy(&args, &settings)?;
     // Bound first: a bad address is a start-up error, before anything is attached.
     let listener = match args.metrics.or(settings.metrics) {
-        Some(addr) => Some(exposition::bind(addr).await?),
+        Some(addr) => Some(exposition::bind(addr)?),
         None => None,
     };
     let notifier = notify::Notifier::from_env()
@@ -225,8 +232,12 @@ pub async fn run(args: Args, settings: Settings) -> anyhow::Result<()> {
     ));
     let metrics = match listener {
         Some(l) => {
-            let addr = l.local_addr()?;
-            tokio::spawn(exposition::serve(l, agent.accounting()));
+            // Its own thread: a scrape never waits for a repair, nor a repair for a scrape.
+            let addr = exposition::server::spawn(
+                l,
+                agent.accounting(),
+                exposition::server::Limits::default(),
+            )?;
             format!("; metrics on http://{addr}/metrics")
         }
         None => String::new(),

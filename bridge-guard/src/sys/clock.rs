@@ -28,6 +28,41 @@ pub fn wall_time(ktime_ns: u64) -> SystemTime {
     }
 }
 
+/// `HH:MM:SS.micros+HH:MM` in local time (the zone's offset at `t`), or `HH:MM:SS.microsZ`
+/// in UTC: a time a reader can place without knowing the host's zone.
+pub fn format_time_with_offset(t: SystemTime, utc: bool) -> String {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let Ok(secs) = libc::time_t::try_from(since.as_secs()) else {
+        return format!("{}Z", format_time_of_day(t));
+    };
+    // SAFETY: an all-zero `tm` is valid; localtime_r/gmtime_r fill it (thread-safe variants).
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe {
+        if utc {
+            !libc::gmtime_r(&secs, &mut tm).is_null()
+        } else {
+            !libc::localtime_r(&secs, &mut tm).is_null()
+        }
+    };
+    if !ok {
+        return format!("{}Z", format_time_of_day(t));
+    }
+    let clock = format!(
+        "{:02}:{:02}:{:02}.{:06}",
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec,
+        since.subsec_micros()
+    );
+    if utc {
+        return format!("{clock}Z");
+    }
+    let off = tm.tm_gmtoff;
+    let sign = if off < 0 { '-' } else { '+' };
+    let off = off.unsigned_abs();
+    format!("{clock}{sign}{:02}:{:02}", off / 3600, off / 60 % 60)
+}
+
 /// `HH:MM:SS.micros` in UTC, for log lines.
 pub fn format_time_of_day(t: SystemTime) -> String {
     let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
@@ -50,6 +85,17 @@ mod tests {
         let wall = wall_time(monotonic_ns());
         let delta = SystemTime::now().duration_since(wall).unwrap_or_default();
         assert!(delta < Duration::from_secs(1), "{delta:?}");
+    }
+
+    #[test]
+    fn times_carry_their_offset() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_micros(3_723_000_042);
+        assert_eq!(format_time_with_offset(t, true), "01:02:03.000042Z");
+        let local = format_time_with_offset(t, false);
+        // Whatever this machine's zone: the clock, then a sign and HH:MM.
+        let (clock, off) = local.split_at(local.len() - 6);
+        assert_eq!(clock.len(), 15, "{local}");
+        assert!(off.starts_with(['+', '-']) && &off[3..4] == ":", "{local}");
     }
 
     #[test]
