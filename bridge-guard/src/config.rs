@@ -243,7 +243,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
             src.at(
                 m.span(),
                 format!("metrics = {msg}"),
-                "write \"127.0.0.1:9558\", or leave it out to serve no metrics",
+                "write \"127.0.0.1:19469\", or leave it out to serve no metrics",
             )
         })?),
     };
