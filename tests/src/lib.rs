@@ -406,53 +406,17 @@ impl Agent {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-        // SAFETY: plain syscalls; the fd is owned right away.
-        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-        anyhow::ensure!(
-            fd >= 0,
-            "inotify_init1: {}",
-            std::io::Error::last_os_error()
-        );
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let dir = std::ffi::CString::new(self.state_dir.as_os_str().as_encoded_bytes())?;
-        // SAFETY: valid fd and NUL-terminated path.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                fd.as_raw_fd(),
-                dir.as_ptr(),
-                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
-            )
-        };
-        anyhow::ensure!(
-            wd >= 0,
-            "inotify_add_watch: {}",
-            std::io::Error::last_os_error()
-        );
-        let deadline = Instant::now() + timeout;
-        loop {
-            // Checked after the watch exists, so no update can slip between check and wait.
-            let status = self.status()?;
-            if pred(&status) {
-                return Ok(status);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            anyhow::ensure!(
-                !left.is_zero(),
-                "agent state never showed {what}; last:\n{status:#}"
-            );
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-            let mut buf = [0u8; 4096];
-            // SAFETY: drain pending events into a local buffer (non-blocking fd).
-            while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-        }
+        let mut last = Value::Null;
+        wait_dir_change(
+            &self.state_dir,
+            &format!("agent state showing {what}"),
+            timeout,
+            || {
+                last = self.status()?;
+                Ok((!pred(&last)).then(|| format!("last:\n{last:#}")))
+            },
+        )?;
+        Ok(last)
     }
 
     /// The agent's process id.
@@ -579,6 +543,61 @@ pub fn wait_on_links(
     let _ = monitor.kill();
     let _ = monitor.wait();
     result
+}
+
+/// Waits until `problem` finds nothing wrong (`None`), checking it again each time a file in
+/// `dir` is written or moved into place (inotify), so no polling and no sleeping; fails after
+/// `timeout` with the last problem found.
+pub fn wait_dir_change(
+    dir: &std::path::Path,
+    what: &str,
+    timeout: Duration,
+    mut problem: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain syscalls; the fd is owned right away.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    anyhow::ensure!(
+        fd >= 0,
+        "inotify_init1: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid fd and NUL-terminated path.
+    let wd = unsafe {
+        libc::inotify_add_watch(
+            fd.as_raw_fd(),
+            path.as_ptr(),
+            libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
+        )
+    };
+    anyhow::ensure!(
+        wd >= 0,
+        "inotify_add_watch {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Checked after the watch exists, so no update can slip between check and wait.
+        let Some(why) = problem()? else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "never {what} within {timeout:?}; {why}");
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let mut buf = [0u8; 4096];
+        // SAFETY: drain pending events into a local buffer (non-blocking fd).
+        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
 }
 
 /// `true` when `ev` is a port-state event for `port` entering `state`.

@@ -5,8 +5,10 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod lab;
 mod setup;
+mod systemd_test;
 mod vmtest;
 
 use std::{
@@ -27,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the eBPF toolchain: nightly with rust-src, and bpf-linker built against the
-    /// nightly's own LLVM. Idempotent.
+    /// Install the eBPF toolchain: the nightly pinned in bridge-guard-ebpf/rust-toolchain.toml
+    /// with rust-src, and bpf-linker built against that nightly's own LLVM (their LLVM majors
+    /// are checked to match). Idempotent.
     Setup,
     /// Build the agent with its eBPF programs.
     Build {
@@ -46,8 +49,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, and the root-only namespace integration tests against the
-    /// real kernel and the real agent.
+    /// Run every test: unit tests, the root-only namespace integration tests against the
+    /// real kernel and the real agent (with the unit under a real systemd in a container),
+    /// then the offline release build (`dist`) and the VM matrix.
     Test {
         /// Only tests whose name contains this.
         filter: Option<String>,
@@ -55,6 +59,19 @@ enum Task {
         #[arg(long)]
         no_vm: bool,
     },
+    /// Build the release tarball offline, as a distribution would:
+    /// target/dist/bridge-guard-VERSION-ARCH-linux.tar.gz.
+    ///
+    /// Vendors every crate the build needs (the workspace's, and the standard library's that
+    /// `-Z build-std=core` needs for the eBPF programs) into target/dist/vendor, then builds the
+    /// release binary in a network namespace of its own with crates.io replaced by that
+    /// directory. The archive holds bin/bridge-guard (eBPF embedded, or the task fails), the
+    /// systemd unit, the annotated configuration, man pages, bash/zsh/fish completions, the
+    /// monitoring rules and dashboard when monitoring/ exists, and the licences. Needs root (or
+    /// user namespaces) for the network namespace, and the network once to fill the vendor
+    /// directory. Several minutes the first time; the build directory target/dist/target is
+    /// kept for the next run.
+    Dist,
     /// Benchmark bridge-guard against the least any guard could do (an oracle told the fault
     /// in advance), the shell guard users write today (an `ip monitor` loop around a fix
     /// script) and no guard, in a network-namespace lab.
@@ -237,9 +254,12 @@ fn main() -> Result<()> {
             }
             setup::ensure_test_tools()?;
             let bin = build(false)?;
+            // The systemd tests boot a container from a cached Debian root.
+            let container_root = systemd_test::ensure_root()?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--no-fail-fast"])
                 .env("BRIDGE_GUARD_BIN", &bin)
+                .env(systemd_test::ROOT_ENV, &container_root)
                 .env("BRIDGE_GUARD_ENV", "host")
                 .env("BRIDGE_GUARD_EXPECT", vmtest::skips::HOST_EXPECT);
             if let Some(f) = &filter {
@@ -249,6 +269,20 @@ fn main() -> Result<()> {
             cmd.args(["--", "--show-output"]);
             // Both layers run even if the first fails: one report of everything that broke.
             let host = run_tallying_skips(&mut cmd);
+            // The offline release build, as CI's proof that a sandboxed build works; not for a
+            // filtered run, which asked for some tests only.
+            let dist = if filter.is_none() {
+                dist::run()
+            } else {
+                eprintln!("xtask: a filter was given: skipping `cargo xtask dist`");
+                Ok(())
+            };
+            let host = match (host, dist) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(h), Ok(())) => Err(h),
+                (Ok(()), Err(d)) => Err(d.context("cargo xtask dist failed")),
+                (Err(h), Err(d)) => Err(h.context(format!("and cargo xtask dist failed: {d:#}"))),
+            };
             let vm = if no_vm {
                 eprintln!("xtask: --no-vm: skipping the VM matrix");
                 Ok(())
@@ -269,6 +303,7 @@ fn main() -> Result<()> {
                 (Err(h), Err(v)) => bail!("host tests failed: {h:#}\nVM matrix failed: {v:#}"),
             }
         }
+        Task::Dist => dist::run(),
         Task::Bench(args) => bench::run(&args),
         Task::Demo { release } => demo::run(release),
         Task::Vmtest {

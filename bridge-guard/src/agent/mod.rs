@@ -38,7 +38,7 @@ use crate::{
         netlink::{self, LinkKind, Netlink, NetlinkError, NetlinkEvent},
     },
     status::Status,
-    sys::{clock::monotonic_ns, notify::Notifier},
+    sys::{clock::monotonic_ns, last_hour::LastHour, notify::Notifier},
 };
 
 use self::repair::Requests;
@@ -77,10 +77,21 @@ pub struct Config {
 pub enum AgentError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
-    #[error("the netlink connection closed")]
-    NetlinkClosed,
+    #[error("reading link notifications")]
+    Notifications(#[source] std::io::Error),
     #[error("reading the eBPF ring buffer")]
     Ring(#[source] std::io::Error),
+}
+
+/// A new configuration for the running agent (SIGHUP): what can change without dropping the
+/// hooks or the model.
+#[derive(Debug)]
+pub struct Reload {
+    pub guards: Vec<Guard>,
+    pub observe: bool,
+    pub libvirt_dir: PathBuf,
+    /// Told the new status line once the reload is applied: resynced, and its repairs sent.
+    pub done: tokio::sync::oneshot::Sender<String>,
 }
 
 pub struct Agent {
@@ -119,6 +130,12 @@ pub struct Agent {
     /// (drops go on unreported while the socket stays congested, so the dump taken at once
     /// may miss some: another is taken once things calm down).
     resync_later: Option<(Instant, &'static str)>,
+    /// Repairs done in the last hour, for the status line.
+    recent_repairs: LastHour,
+    /// Where the status line goes (systemd's STATUS=), and the last one sent.
+    status_to: Option<(Arc<Notifier>, String)>,
+    /// Configuration reloads (see [`Agent::reloads`]).
+    reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -197,6 +214,9 @@ impl Agent {
             dirty: true,
             resync_due: None,
             resync_later: None,
+            recent_repairs: LastHour::default(),
+            status_to: None,
+            reloads: None,
         };
         let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
             p.hooks
@@ -297,6 +317,29 @@ impl Agent {
         Ok(())
     }
 
+    /// Where to send configuration reloads; [`Agent::run`] applies them between events.
+    pub fn reloads(&mut self) -> tokio::sync::mpsc::Sender<Reload> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        self.reloads = Some(rx);
+        tx
+    }
+
+    /// Swaps the guarded bridges and their policy, keeping the hooks, the model's links and
+    /// learned members (of bridges still guarded) and the accounting; a resync follows, and
+    /// the repairs the new policy calls for.
+    fn reload(&mut self, guards: Vec<Guard>, observe: bool, libvirt_dir: PathBuf) {
+        self.model
+            .set_guarded(guards.iter().map(|g| g.bridge.clone()));
+        self.cfg.guards = guards;
+        self.cfg.observe = observe;
+        self.cfg.libvirt_dir = libvirt_dir;
+        // What is refused or only observed is said again under the new policy.
+        self.observed.clear();
+        self.refusals.clear();
+        self.dirty = true;
+        self.request_resync("reload");
+    }
+
     fn request_resync(&mut self, reason: &'static str) {
         self.resync_due.get_or_insert(reason);
     }
@@ -327,6 +370,7 @@ impl Agent {
         let mut publish_at: Option<Instant> = None;
         // The state file's timestamp is the agent's heartbeat for `status`.
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        let mut reloaded = None;
         loop {
             let wake = self.next_wakeup();
             let mut answers = None;
@@ -369,10 +413,19 @@ impl Agent {
                     continue;
                 }
                 _ = reconcile.tick() => self.request_resync("periodic"),
+                Some(r) = async {
+                    match self.reloads.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reload(r.guards, r.observe, r.libvirt_dir);
+                    reloaded = Some(r.done);
+                }
                 Some(a) = self.requests.next(), if !self.requests.is_empty() => answers = Some(a),
                 r = ebpf_next => r.map_err(AgentError::Ring)?,
-                ev = netlink::next_event(&mut self.netlink.notifications) => {
-                    notices.push(ev.ok_or(AgentError::NetlinkClosed)?);
+                ev = self.netlink.notifications.recv() => {
+                    notices.push(ev.map_err(AgentError::Notifications)?);
                 }
                 () = sleep_until(wake) => {}
             }
@@ -406,6 +459,9 @@ impl Agent {
                 woke,
                 news.unwrap_or(if resynced { "resync" } else { "timer" }),
             );
+            if let Some(done) = reloaded.take() {
+                let _ = done.send(self.status_line());
+            }
             // Publishing (state file, textfile) waits a little and coalesces: it must never
             // sit between a fault's notifications and their repair.
             if self.dirty && publish_at.is_none() {
@@ -445,13 +501,18 @@ impl Agent {
         if let Some(ev) = self.events.as_mut() {
             ev.drain(batch, ring::BATCH);
         }
-        let mut taken = 0;
-        while taken < NETLINK_BATCH {
-            let Ok((msg, _)) = self.netlink.notifications.try_recv() else {
-                break;
-            };
-            taken += 1;
-            notices.extend(netlink::decode(&msg));
+        // Bounded per turn; what is left waits in the kernel's buffer (a flood overflows it
+        // into a resync rather than into the agent's memory).
+        while notices.len() < NETLINK_BATCH {
+            match self.netlink.notifications.try_recv() {
+                Ok(Some(ev)) => notices.push(ev),
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("reading link notifications: {e}; resyncing from a dump");
+                    self.request_resync("netlink_overrun");
+                    break;
+                }
+            }
         }
         let news = match (batch.is_empty(), notices.is_empty()) {
             (false, _) => Some("ebpf"),

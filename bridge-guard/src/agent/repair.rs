@@ -216,6 +216,7 @@ impl Agent {
                         acked.saturating_sub(sent.woke),
                     );
                     *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
+                    self.recent_repairs.record(acked);
                     self.failures.remove(&sent.key);
                     self.dirty = true;
                     if !action.done(&self.model) {

@@ -14,7 +14,7 @@ use crate::{
     sources::{
         ebpf::{Options, Probes, ring},
         link_watch::{LinkChange, LinkWatch},
-        netlink::{self, Netlink, NetlinkEvent},
+        netlink::{Netlink, NetlinkEvent},
     },
     status::format_duration,
     sys::{clock, netns},
@@ -276,9 +276,7 @@ async fn watch_netlink(args: &Args) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     loop {
         let ev = tokio::select! {
-            ev = netlink::next_event(&mut nl.notifications) => {
-                ev.context("the netlink connection closed")?
-            }
+            ev = nl.notifications.recv() => ev.context("reading link notifications")?,
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         };

@@ -7,7 +7,7 @@
 //! slave data, and the bridge sends AF_BRIDGE messages on every port-state change, including
 //! those its STP timers make.
 
-use futures::{StreamExt as _, TryStreamExt as _, channel::mpsc::UnboundedReceiver};
+use futures::{StreamExt as _, TryStreamExt as _};
 use std::time::Duration;
 
 use netlink_packet_core::{
@@ -21,13 +21,12 @@ use netlink_packet_route::{
         State,
     },
 };
-use netlink_sys::{AsyncSocket as _, SocketAddr};
 use rtnetlink::Handle;
+
+use super::notifications::Notifications;
 
 use crate::event::{PortState, StpMode};
 
-/// `RTNLGRP_LINK` from `linux/rtnetlink.h`.
-const RTNLGRP_LINK: u32 = 1;
 /// `IFLA_BRPORT_STATE`, inside AF_BRIDGE `IFLA_PROTINFO`.
 const IFLA_BRPORT_STATE: u16 = 1;
 /// Receive buffer for notifications: large enough that bursts (a bridge with many ports
@@ -259,23 +258,19 @@ pub fn decode(msg: &NetlinkMessage<RouteNetlinkMessage>) -> Option<NetlinkEvent>
     }
 }
 
-/// A netlink connection subscribed to link notifications, plus a handle for requests.
+/// Link notifications on their own socket, plus a connection for requests (repairs, dumps).
 pub struct Netlink {
     pub handle: Handle,
-    pub notifications: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    pub notifications: Notifications,
 }
 
 impl Netlink {
-    /// Opens the connection in this process's network namespace and subscribes to
-    /// RTNLGRP_LINK. Must be called inside a tokio runtime.
+    /// Opens both sockets in this process's network namespace, subscribed to RTNLGRP_LINK.
+    /// Must be called inside a tokio runtime.
     pub fn open() -> Result<Self, NetlinkError> {
-        let (mut conn, handle, notifications) =
-            rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
-        let socket = conn.socket_mut().socket_mut();
-        grow_rx_buffer(socket);
-        socket
-            .add_membership(RTNLGRP_LINK)
-            .map_err(NetlinkError::Subscribe)?;
+        // Subscribed first: nothing that happens from now on is missed by a dump taken later.
+        let notifications = Notifications::open()?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
         tokio::spawn(conn);
         Ok(Self {
             handle,
@@ -292,7 +287,7 @@ impl Netlink {
 /// Asks for [`RX_BUFFER`] bytes of receive buffer: past `net.core.rmem_max` with
 /// SO_RCVBUFFORCE (CAP_NET_ADMIN), else as much as SO_RCVBUF allows. A larger buffer is a
 /// nicety (an overrun costs a dump, not correctness), so failing only gets a log line.
-fn grow_rx_buffer(socket: &mut netlink_sys::Socket) {
+pub(super) fn grow_rx_buffer(socket: &mut netlink_sys::Socket) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
     let want = libc::c_int::try_from(RX_BUFFER).unwrap_or(libc::c_int::MAX);
     // SAFETY: a valid socket fd and a c_int option value of the right length.
@@ -432,18 +427,6 @@ pub async fn mrp_bridges(handle: &Handle) -> Result<Vec<u32>, NetlinkError> {
             after: DUMP_TIMEOUT,
         })?
         .map_err(NetlinkError::Dump)
-}
-
-/// The next notification the model needs; `None` when the connection closed.
-pub async fn next_event(
-    notifications: &mut UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
-) -> Option<NetlinkEvent> {
-    loop {
-        let (msg, _) = notifications.next().await?;
-        if let Some(ev) = decode(&msg) {
-            return Some(ev);
-        }
-    }
 }
 
 #[cfg(test)]

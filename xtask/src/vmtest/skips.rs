@@ -7,9 +7,9 @@
 
 use std::{collections::BTreeMap, fmt::Write as _};
 
-/// `BRIDGE_GUARD_EXPECT` on the host under `cargo xtask test`: it runs as root and installs
-/// the tools the tests use first.
-pub const HOST_EXPECT: &str = "root,tool-*";
+/// `BRIDGE_GUARD_EXPECT` on the host under `cargo xtask test`: it runs as root, installs the
+/// tools the tests use first, and its kernel (PLATFORM.md) attaches the tracepoint tier.
+pub const HOST_EXPECT: &str = "root,tool-*,tracepoint-port-state";
 
 /// One skip line.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,6 +1,7 @@
 //! The eBPF source: loads the embedded programs with offsets from BTF, picks a hook tier per
 //! thing observed, and streams decoded events from the ring buffer.
 
+mod btf;
 pub mod hooks;
 pub mod offsets;
 pub mod ring;
@@ -78,6 +79,13 @@ pub struct KernelFacts {
 
 impl KernelFacts {
     pub fn gather(opts: &Options) -> (Self, Option<Btf>) {
+        let mut facts = Self::gather_facts(opts);
+        let btf = facts.parse_btf(opts);
+        (facts, btf)
+    }
+
+    /// Everything but aya's BTF (see [`KernelFacts::parse_btf`]).
+    pub fn gather_facts(opts: &Options) -> Self {
         let memlock = caps::ensure_memlock();
         if memlock.is_problem() {
             tracing::warn!("RLIMIT_MEMLOCK {memlock}");
@@ -103,18 +111,21 @@ impl KernelFacts {
                 None
             }
         };
+        Self {
+            offsets,
+            offsets_error,
+            fd_timer_fn,
+            memlock,
+            btf_loaded: Err("not parsed yet".into()),
+        }
+    }
+
+    /// aya's view of the kernel BTF (needed to load fentry/fexit and tp_btf programs); notes
+    /// whether it could be had.
+    fn parse_btf(&mut self, opts: &Options) -> Option<Btf> {
         let btf = Btf::parse_file(opts.btf_dir.join("vmlinux"), aya::Endianness::default());
-        let btf_loaded = btf.as_ref().map(drop).map_err(ToString::to_string);
-        (
-            Self {
-                offsets,
-                offsets_error,
-                fd_timer_fn,
-                memlock,
-                btf_loaded,
-            },
-            btf.ok(),
-        )
+        self.btf_loaded = btf.as_ref().map(drop).map_err(ToString::to_string);
+        btf.ok()
     }
 }
 
@@ -201,9 +212,19 @@ pub fn load_object(opts: &Options, facts: &KernelFacts) -> Result<Ebpf, EbpfErro
 impl Probes {
     /// Loads the programs, picks and attaches a tier per hook, and arms the tracepoint tier if
     /// it was chosen.
+    ///
+    /// Memory: vmlinux BTF is parsed one way at a time (aya's loader parses its own copy and
+    /// drops it with the loader, then one more for the programs, dropped once they are
+    /// attached), and the freed heap is handed back to the system afterwards: the agent's
+    /// peak and idle memory are mostly this.
     pub fn attach(opts: &Options) -> Result<Self, EbpfError> {
-        let (facts, btf) = KernelFacts::gather(opts);
-        Self::attach_with(opts, facts, btf.as_ref())
+        let mut facts = KernelFacts::gather_facts(opts);
+        let ebpf = load_object(opts, &facts)?;
+        let btf = facts.parse_btf(opts);
+        let probes = Self::attach_loaded(opts, facts, btf.as_ref(), ebpf);
+        drop(btf);
+        crate::sys::memory::trim();
+        probes
     }
 
     /// [`Probes::attach`] with facts already gathered.
@@ -212,7 +233,16 @@ impl Probes {
         facts: KernelFacts,
         btf: Option<&Btf>,
     ) -> Result<Self, EbpfError> {
-        let mut ebpf = load_object(opts, &facts)?;
+        let ebpf = load_object(opts, &facts)?;
+        Self::attach_loaded(opts, facts, btf, ebpf)
+    }
+
+    fn attach_loaded(
+        opts: &Options,
+        facts: KernelFacts,
+        btf: Option<&Btf>,
+        mut ebpf: Ebpf,
+    ) -> Result<Self, EbpfError> {
         let timer_ok = |hook: &str, tier: Tier| -> Result<(), String> {
             if tier != Tier::Tracepoint || hook != "port-state" {
                 return Ok(());

@@ -8,19 +8,18 @@
 use std::path::{Path, PathBuf};
 
 use bridge_guard_common::{ABSENT, Offsets};
-use btf_rs::{Btf, BtfType, Type};
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use super::btf::{BtfError, BtfSet, RawBtf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OffsetError {
     #[error("no kernel BTF at {path}: the kernel needs CONFIG_DEBUG_INFO_BTF=y")]
     NoVmlinux { path: PathBuf },
-    #[error("cannot parse BTF {path}")]
+    #[error("cannot read BTF {path}")]
     Parse {
         path: PathBuf,
         #[source]
-        source: BoxError,
+        source: BtfError,
     },
 }
 
@@ -126,14 +125,10 @@ impl Resolved {
     }
 }
 
-fn parse(path: &Path, base: Option<&Btf>) -> Result<Btf, OffsetError> {
-    match base {
-        None => Btf::from_file(path),
-        Some(base) => Btf::from_split_file(path, base),
-    }
-    .map_err(|e| OffsetError::Parse {
+fn parse(path: &Path, base: Option<&RawBtf>) -> Result<RawBtf, OffsetError> {
+    RawBtf::read(path, base).map_err(|source| OffsetError::Parse {
         path: path.to_owned(),
-        source: e.into(),
+        source,
     })
 }
 
@@ -154,16 +149,11 @@ pub fn resolve(btf_dir: &Path) -> Result<Resolved, OffsetError> {
     } else {
         None
     };
-
+    let btf = BtfSet::new(std::iter::once(&vmlinux).chain(module.as_ref()).collect());
     let mut offsets = Offsets::ABSENT;
     let mut absent = Vec::new();
     for field in FIELDS {
-        let found = member_offset(&vmlinux, field.strukt, field.path).or_else(|| {
-            module
-                .as_ref()
-                .and_then(|m| member_offset(m, field.strukt, field.path))
-        });
-        match found {
+        match btf.member_offset(field.strukt, field.path) {
             Some(off) => (field.set)(&mut offsets, off),
             None => absent.push(field.name),
         }
@@ -173,60 +163,6 @@ pub fn resolve(btf_dir: &Path) -> Result<Resolved, OffsetError> {
         absent,
         sources,
     })
-}
-
-/// Strips typedefs and qualifiers down to the underlying type.
-fn underlying(btf: &Btf, mut ty: Type) -> Option<Type> {
-    for _ in 0..16 {
-        ty = match &ty {
-            Type::Typedef(t) => btf.resolve_chained_type(t).ok()?,
-            Type::Const(t) => btf.resolve_chained_type(t).ok()?,
-            Type::Volatile(t) => btf.resolve_chained_type(t).ok()?,
-            Type::Restrict(t) => btf.resolve_chained_type(t).ok()?,
-            Type::TypeTag(t) => btf.resolve_chained_type(t).ok()?,
-            _ => return Some(ty),
-        };
-    }
-    None
-}
-
-/// Byte offset of `path` (dot-separated members) inside struct `strukt`; members of anonymous
-/// unions and structs count as members of the enclosing struct, as in C. `None` when any step is
-/// missing or the field does not start on a byte boundary.
-pub fn member_offset(btf: &Btf, strukt: &str, path: &str) -> Option<u32> {
-    let ty = btf
-        .resolve_types_by_name(strukt)
-        .ok()?
-        .into_iter()
-        .find(|t| matches!(t, Type::Struct(s) if !s.members.is_empty()))?;
-    let mut bits = 0u32;
-    let mut current = ty;
-    for step in path.split('.') {
-        let (off, member_ty) = find_member(btf, &current, step, 0)?;
-        bits += off;
-        current = member_ty;
-    }
-    bits.is_multiple_of(8).then_some(bits / 8)
-}
-
-/// Bit offset and type of member `name` in `ty`, searching anonymous members recursively.
-fn find_member(btf: &Btf, ty: &Type, name: &str, depth: u8) -> Option<(u32, Type)> {
-    let (Type::Struct(s) | Type::Union(s)) = underlying(btf, ty.clone())? else {
-        return None;
-    };
-    for member in &s.members {
-        let member_name = btf.resolve_name(member).unwrap_or_default();
-        let member_ty = btf.resolve_type_by_id(member.get_type_id().ok()?).ok()?;
-        if member_name == name {
-            return Some((member.bit_offset(), member_ty));
-        }
-        if member_name.is_empty() && depth < 8 {
-            if let Some((inner, t)) = find_member(btf, &member_ty, name, depth + 1) {
-                return Some((member.bit_offset() + inner, t));
-            }
-        }
-    }
-    None
 }
 
 /// Offsets in `o` as `(field name, value)`, for `doctor`.
@@ -259,7 +195,7 @@ mod tests {
     const BTF_DIR: &str = "/sys/kernel/btf";
 
     /// The kernel's BTF, or `None` after the skip line for `test`.
-    fn vmlinux(test: &str) -> Option<Btf> {
+    fn vmlinux(test: &str) -> Option<RawBtf> {
         let path = Path::new(BTF_DIR).join("vmlinux");
         if !path.exists() {
             eprintln!(
@@ -268,7 +204,11 @@ mod tests {
             );
             return None;
         }
-        Some(Btf::from_file(path).expect("vmlinux BTF parses"))
+        Some(RawBtf::read(&path, None).expect("vmlinux BTF parses"))
+    }
+
+    fn member_offset(raw: &RawBtf, strukt: &str, path: &str) -> Option<u32> {
+        BtfSet::new(vec![raw]).member_offset(strukt, path)
     }
 
     #[test]
