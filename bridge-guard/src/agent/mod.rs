@@ -415,6 +415,9 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     self.dirty = true;
                     self.publish();
+                    // What a burst (a flood, thousands of taps) made the heap grow by goes
+                    // back to the system, off the hot path.
+                    crate::sys::memory::trim();
                     continue;
                 }
                 _ = reconcile.tick() => self.request_resync("periodic"),
