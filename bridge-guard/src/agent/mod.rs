@@ -312,6 +312,9 @@ impl Agent {
                 .collect();
         }
         self.record_transitions(&transitions);
+        // The dump may have dropped ports whose deletion was among lost news: forget them now,
+        // not at the next news, which may be a long time coming.
+        self.forget_gone();
         self.acc().on_resync(reason);
         tracing::debug!(reason, "resynced from a dump");
         Ok(())
@@ -330,6 +333,8 @@ impl Agent {
     fn reload(&mut self, guards: Vec<Guard>, observe: bool, libvirt_dir: PathBuf) {
         self.model
             .set_guarded(guards.iter().map(|g| g.bridge.clone()));
+        self.acc().guard(guards.iter().map(|g| g.bridge.as_str()));
+        self.acc().observe = observe;
         self.cfg.guards = guards;
         self.cfg.observe = observe;
         self.cfg.libvirt_dir = libvirt_dir;
@@ -410,6 +415,9 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     self.dirty = true;
                     self.publish();
+                    // What a burst (a flood, thousands of taps) made the heap grow by goes
+                    // back to the system, off the hot path.
+                    crate::sys::memory::trim();
                     continue;
                 }
                 _ = reconcile.tick() => self.request_resync("periodic"),
