@@ -47,7 +47,7 @@ pub const RESULTS: [&str; 2] = ["ok", "error"];
 /// Sources of kernel events.
 pub const SOURCES: [&str; 2] = ["ebpf", "netlink"];
 /// Why the agent rebuilt its model from a dump.
-pub const RESYNC_REASONS: [&str; 8] = [
+pub const RESYNC_REASONS: [&str; 9] = [
     "start",
     "periodic",
     "ebpf_lost",
@@ -58,6 +58,8 @@ pub const RESYNC_REASONS: [&str; 8] = [
     "inconsistent_dump",
     "request_timeout",
     "retry",
+    // The configuration was reloaded (SIGHUP).
+    "reload",
 ];
 /// Evidence of a loop the loop guard acts on.
 pub const LOOP_EVIDENCE: [&str; 3] = ["bpdu", "probe", "mac_flap"];

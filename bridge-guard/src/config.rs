@@ -244,7 +244,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Settings, ConfigError> {
             src.at(
                 m.span(),
                 format!("metrics = {msg}"),
-                "write \"127.0.0.1:9558\", or leave it out to serve no metrics",
+                "write \"127.0.0.1:19469\", or leave it out to serve no metrics",
             )
         })?),
     };
@@ -347,7 +347,7 @@ mod tests {
         assert_eq!(s.guards[0].policy.port_patterns, ["vnet*"]);
         assert!(s.guards[0].policy.stp_off && !s.guards[0].policy.allow_unsafe);
         assert!(s.guards[0].policy.loop_protect);
-        assert_eq!(s.metrics, Some(SocketAddr::from(([127, 0, 0, 1], 9558))));
+        assert_eq!(s.metrics, Some(SocketAddr::from(([127, 0, 0, 1], 19469))));
     }
 
     #[test]

@@ -122,6 +122,28 @@ impl Model {
         self.guarded.iter().map(String::as_str)
     }
 
+    /// Guards another set of bridges (a configuration reload). Members stay remembered for the
+    /// bridges still guarded; the ports of bridges no longer guarded are no longer tracked.
+    pub fn set_guarded(&mut self, guarded: impl IntoIterator<Item = String>) {
+        self.guarded = guarded.into_iter().collect();
+        let guarded = &self.guarded;
+        self.members.retain(|b, _| guarded.contains(b));
+        for b in guarded {
+            self.members.entry(b.clone()).or_default();
+        }
+        let dropped: Vec<String> = self
+            .tracks
+            .iter()
+            .filter(|(_, t)| !guarded.contains(&t.bridge))
+            .map(|(port, _)| port.clone())
+            .collect();
+        for port in dropped {
+            self.tracks.remove(&port);
+            self.forgotten.push(port);
+        }
+        self.moved.retain(|(b, _, _)| self.guarded.contains(b));
+    }
+
     pub fn link(&self, ifindex: u32) -> Option<&LinkSnapshot> {
         self.links.get(&ifindex)
     }
@@ -690,6 +712,34 @@ pub(crate) mod tests {
         let mut br = link(7, "br0", LinkKind::Bridge, None);
         br.stp = Some(StpMode::Off);
         vec![br, link(9, "vnet0", LinkKind::Veth, Some(7))]
+    }
+
+    #[test]
+    fn a_reload_keeps_what_was_learned_for_bridges_still_guarded() {
+        let mut links = lab();
+        links.push(link(11, "br1", LinkKind::Bridge, None));
+        let tap = LinkKind::Tun {
+            tap: Some(true),
+            vnet_hdr: Some(true),
+        };
+        links.push(link(12, "tap1", tap, Some(11)));
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(links.clone(), 100);
+        assert!(m.track("vnet0").is_some());
+        m.set_guarded(["br0".to_owned(), "br1".to_owned()]);
+        assert_eq!(m.members("br0").collect::<Vec<_>>(), ["vnet0"], "kept");
+        let t = m.reset(links.clone(), 200);
+        assert!(
+            t.iter().all(|t| t.port == "tap1"),
+            "only the new bridge's port is new: {t:?}"
+        );
+        assert_eq!(m.members("br1").collect::<Vec<_>>(), ["tap1"], "learned");
+        m.take_forgotten();
+        m.set_guarded(["br1".to_owned()]);
+        assert!(m.track("vnet0").is_none(), "no longer tracked");
+        assert_eq!(m.take_forgotten(), ["vnet0"], "and forgotten elsewhere too");
+        assert_eq!(m.members("br0").count(), 0);
+        assert_eq!(m.guarded().collect::<Vec<_>>(), ["br1"]);
     }
 
     #[test]

@@ -4,8 +4,13 @@
 //! Rules the helpers enforce: every namespace is created through [`netlab`] with [`PREFIX`],
 //! named `bgt-<pid>-<n>-<tag>`, and deleted on drop (also on panic); nothing touches the host's
 //! own namespace; waiting is on readiness lines and events with a bound, never on sleeps.
+//!
+//! Skips count: a test that cannot run here says so through [`skip`], naming the [`Need`] it
+//! lacks. Where the environment must meet that need (`BRIDGE_GUARD_EXPECT`, set per host and
+//! per VM kernel by `cargo xtask test` / `vmtest`), the skip fails the test instead.
 
 use std::{
+    fmt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
@@ -29,14 +34,109 @@ pub const PREFIX: &str = "bgt";
 /// How long [`VmLab::guests_talk`] waits for its datagram.
 pub const TALK: Duration = Duration::from_secs(5);
 
+/// What a test needs that an environment may lack. Its name (`Display`) is what skip lines,
+/// `BRIDGE_GUARD_EXPECT` and the runners' tallies use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// `root`: network namespaces, eBPF.
+    Root,
+    /// `tool-<command>`: a command `cargo xtask test` installs.
+    Tool(&'static str),
+    /// `bridge-module`: bridge is a loadable module, not built in (distribution kernels).
+    BridgeModule,
+    /// `host`: runs on the host only, not in the VM matrix's guests (where it would be too slow
+    /// under emulation and proves nothing about the kernel's hook tiers).
+    Host,
+    /// `<tier>-<hook>`: the agent's `hook` (`port-state`, `join`, `leave`, `stp`) attached at
+    /// `tier` or better (`fentry` > `kprobe` > `tracepoint`).
+    Tier {
+        hook: &'static str,
+        tier: &'static str,
+    },
+}
+
+impl fmt::Display for Need {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Root => f.write_str("root"),
+            Self::Tool(cmd) => write!(f, "tool-{cmd}"),
+            Self::BridgeModule => f.write_str("bridge-module"),
+            Self::Host => f.write_str("host"),
+            Self::Tier { hook, tier } => write!(f, "{tier}-{hook}"),
+        }
+    }
+}
+
+/// Hook tiers, best first, as the agent names them.
+const TIERS: &[&str] = &["fentry", "kprobe", "tracepoint"];
+
+/// Whether `got` is `want` or a better tier.
+pub fn tier_at_least(got: &str, want: &str) -> bool {
+    match (
+        TIERS.iter().position(|t| *t == got),
+        TIERS.iter().position(|t| *t == want),
+    ) {
+        (Some(g), Some(w)) => g <= w,
+        _ => false,
+    }
+}
+
+/// Whether `expect` (a `BRIDGE_GUARD_EXPECT` value: names, comma-separated; a trailing `*`
+/// matches any suffix) names `need`.
+pub fn expects(expect: &str, need: &Need) -> bool {
+    let name = need.to_string();
+    expect
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .any(|e| match e.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => name == e,
+        })
+}
+
+/// Skips `test` for lacking `need`: prints `SKIP <test>: <reason> [needs <need>]`, and panics
+/// instead when this environment is expected to meet `need` (a skip there is a failure).
+pub fn skip(test: &str, need: Need, reason: impl fmt::Display) {
+    eprintln!("SKIP {test}: {reason} [needs {need}]");
+    let expect = std::env::var("BRIDGE_GUARD_EXPECT").unwrap_or_default();
+    let env = std::env::var("BRIDGE_GUARD_ENV").unwrap_or_else(|_| "this environment".into());
+    assert!(
+        !expects(&expect, &need),
+        "{test} must run on {env} (BRIDGE_GUARD_EXPECT={expect} includes {need}), but skipped: {reason}"
+    );
+}
+
 /// `true` (after printing why) when the test cannot run here and must skip.
 pub fn skip_unless_root(test: &str) -> bool {
     // SAFETY: geteuid has no failure mode.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root (network namespaces, eBPF); run `cargo xtask test`");
+        skip(
+            test,
+            Need::Root,
+            "needs root (network namespaces, eBPF); run `cargo xtask test`",
+        );
         return true;
     }
     false
+}
+
+/// `true` (after [`skip`]) when `agent` attached `hook` below `tier`: the test, or the part of
+/// it that calls this, needs that tier.
+pub fn skip_below_tier(test: &str, agent: &Agent, hook: &'static str, tier: &'static str) -> bool {
+    let got = agent.tier(hook).unwrap_or_else(|| "none".to_owned());
+    if tier_at_least(&got, tier) {
+        return false;
+    }
+    skip(
+        test,
+        Need::Tier { hook, tier },
+        format_args!(
+            "{hook} attached at {got}, below {tier}, on this kernel ({})",
+            agent.ready
+        ),
+    );
+    true
 }
 
 /// The agent binary: `$BRIDGE_GUARD_BIN` (set by `cargo xtask test`), else the debug build.
@@ -72,6 +172,8 @@ pub struct Agent {
     pub ready: String,
     /// The agent's state directory (`run` only); removed on drop.
     pub state_dir: PathBuf,
+    /// The private libvirt directory [`Agent::run_with`] gave it, if any; removed on drop.
+    libvirt_dir: Option<PathBuf>,
 }
 
 impl Agent {
@@ -89,7 +191,9 @@ impl Agent {
     }
 
     /// [`Agent::run`] with a wrapper command and environment. The state directory is the same
-    /// for every agent run in `ns`, as for a restarted service.
+    /// for every agent run in `ns`, as for a restarted service. Unless `args` name one, the
+    /// agent reads libvirt's XML from a private, empty directory (never the host's
+    /// /run/libvirt/qemu, so results do not depend on the host's VMs).
     pub fn run_with(
         ns: &NetNs,
         wrapper: &[&str],
@@ -114,10 +218,21 @@ impl Agent {
     ) -> Result<Self> {
         let dir = std::env::temp_dir().join(format!("{}-state", ns.name));
         let dir_arg = dir.to_string_lossy().into_owned();
+        let libvirt = std::env::temp_dir().join(format!("{}-libvirt", ns.name));
+        let libvirt_arg = libvirt.to_string_lossy().into_owned();
         let mut all = vec!["run", "--state-dir", dir_arg.as_str()];
+        let names_libvirt = args
+            .iter()
+            .any(|a| *a == "--libvirt-dir" || a.starts_with("--libvirt-dir="));
+        if !names_libvirt {
+            std::fs::create_dir_all(&libvirt)
+                .with_context(|| format!("creating {}", libvirt.display()))?;
+            all.extend(["--libvirt-dir", libvirt_arg.as_str()]);
+        }
         all.extend_from_slice(args);
         let mut agent = Self::spawn_inner(ns, wrapper, &all, env, until)?;
         agent.state_dir = dir;
+        agent.libvirt_dir = (!names_libvirt).then_some(libvirt);
         Ok(agent)
     }
 
@@ -182,6 +297,7 @@ impl Agent {
             log: Vec::new(),
             ready: String::new(),
             state_dir: PathBuf::new(),
+            libvirt_dir: None,
         };
         agent.ready = agent.wait_log(what, Duration::from_secs(60), until)?;
         Ok(agent)
@@ -290,53 +406,17 @@ impl Agent {
         timeout: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Result<Value> {
-        use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
-        // SAFETY: plain syscalls; the fd is owned right away.
-        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
-        anyhow::ensure!(
-            fd >= 0,
-            "inotify_init1: {}",
-            std::io::Error::last_os_error()
-        );
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let dir = std::ffi::CString::new(self.state_dir.as_os_str().as_encoded_bytes())?;
-        // SAFETY: valid fd and NUL-terminated path.
-        let wd = unsafe {
-            libc::inotify_add_watch(
-                fd.as_raw_fd(),
-                dir.as_ptr(),
-                libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
-            )
-        };
-        anyhow::ensure!(
-            wd >= 0,
-            "inotify_add_watch: {}",
-            std::io::Error::last_os_error()
-        );
-        let deadline = Instant::now() + timeout;
-        loop {
-            // Checked after the watch exists, so no update can slip between check and wait.
-            let status = self.status()?;
-            if pred(&status) {
-                return Ok(status);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            anyhow::ensure!(
-                !left.is_zero(),
-                "agent state never showed {what}; last:\n{status:#}"
-            );
-            let mut pfd = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
-            let mut buf = [0u8; 4096];
-            // SAFETY: drain pending events into a local buffer (non-blocking fd).
-            while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
-        }
+        let mut last = Value::Null;
+        wait_dir_change(
+            &self.state_dir,
+            &format!("agent state showing {what}"),
+            timeout,
+            || {
+                last = self.status()?;
+                Ok((!pred(&last)).then(|| format!("last:\n{last:#}")))
+            },
+        )?;
+        Ok(last)
     }
 
     /// The agent's process id.
@@ -422,6 +502,9 @@ impl Drop for Agent {
         if !self.state_dir.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&self.state_dir);
         }
+        if let Some(dir) = &self.libvirt_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -460,6 +543,61 @@ pub fn wait_on_links(
     let _ = monitor.kill();
     let _ = monitor.wait();
     result
+}
+
+/// Waits until `problem` finds nothing wrong (`None`), checking it again each time a file in
+/// `dir` is written or moved into place (inotify), so no polling and no sleeping; fails after
+/// `timeout` with the last problem found.
+pub fn wait_dir_change(
+    dir: &std::path::Path,
+    what: &str,
+    timeout: Duration,
+    mut problem: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // SAFETY: plain syscalls; the fd is owned right away.
+    let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC | libc::IN_NONBLOCK) };
+    anyhow::ensure!(
+        fd >= 0,
+        "inotify_init1: {}",
+        std::io::Error::last_os_error()
+    );
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: valid fd and NUL-terminated path.
+    let wd = unsafe {
+        libc::inotify_add_watch(
+            fd.as_raw_fd(),
+            path.as_ptr(),
+            libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE,
+        )
+    };
+    anyhow::ensure!(
+        wd >= 0,
+        "inotify_add_watch {}: {}",
+        dir.display(),
+        std::io::Error::last_os_error()
+    );
+    let deadline = Instant::now() + timeout;
+    loop {
+        // Checked after the watch exists, so no update can slip between check and wait.
+        let Some(why) = problem()? else {
+            return Ok(());
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        anyhow::ensure!(!left.is_zero(), "never {what} within {timeout:?}; {why}");
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+        let mut buf = [0u8; 4096];
+        // SAFETY: drain pending events into a local buffer (non-blocking fd).
+        while unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) } > 0 {}
+    }
 }
 
 /// `true` when `ev` is a port-state event for `port` entering `state`.
@@ -542,5 +680,41 @@ impl VmLabChecks for VmLab {
         v[0]["linkinfo"]["info_data"]["stp_state"]
             .as_u64()
             .with_context(|| format!("no stp_state in {v}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Need, expects, tier_at_least};
+
+    #[test]
+    fn expectations_name_requirements_exactly_or_by_prefix() {
+        let e = "root,tool-*, kprobe-join";
+        assert!(expects(e, &Need::Root));
+        assert!(expects(e, &Need::Tool("nix-instantiate")));
+        assert!(expects(
+            e,
+            &Need::Tier {
+                hook: "join",
+                tier: "kprobe"
+            }
+        ));
+        assert!(!expects(
+            e,
+            &Need::Tier {
+                hook: "join",
+                tier: "fentry"
+            }
+        ));
+        assert!(!expects(e, &Need::BridgeModule));
+        assert!(!expects("", &Need::Root));
+    }
+
+    #[test]
+    fn tiers_rank_fentry_over_kprobe_over_tracepoint() {
+        assert!(tier_at_least("fentry", "kprobe"));
+        assert!(tier_at_least("kprobe", "kprobe"));
+        assert!(!tier_at_least("tracepoint", "kprobe"));
+        assert!(!tier_at_least("none", "tracepoint"));
     }
 }

@@ -80,7 +80,11 @@ pub fn skip_unless_libvirt(test: &str) -> bool {
     let env = std::env::var("BRIDGE_GUARD_ENV").ok();
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
     if env.as_deref().is_some_and(|e| e != "host") || cmdline.contains("virtme") {
-        eprintln!("SKIP {test}: the libvirt lab runs on the host only (this is a VM matrix guest)");
+        crate::skip(
+            test,
+            crate::Need::Host,
+            "the libvirt lab runs on the host only (this is a VM matrix guest)",
+        );
         return true;
     }
     let missing: Vec<&str> = PROGRAMS
@@ -88,10 +92,14 @@ pub fn skip_unless_libvirt(test: &str) -> bool {
         .copied()
         .filter(|p| which(p).is_none())
         .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "SKIP {test}: needs libvirt ({} not found); `cargo xtask test` installs it",
-            missing.join(", ")
+    if let Some(first) = missing.first() {
+        crate::skip(
+            test,
+            crate::Need::Tool(first),
+            format_args!(
+                "needs libvirt ({} not found); `cargo xtask test` installs it",
+                missing.join(", ")
+            ),
         );
         return true;
     }

@@ -4,7 +4,7 @@
 
 use std::{process::Command, time::Duration};
 
-use integration_tests::{Agent, NetNs, PREFIX, skip_unless_root};
+use integration_tests::{Agent, Need, NetNs, PREFIX, skip, skip_unless_root};
 
 /// `Some(true)`: a loaded module; `Some(false)`: not loaded; `None`: built in.
 fn bridge_module_state() -> anyhow::Result<Option<bool>> {
@@ -27,17 +27,23 @@ fn hooks_attach_when_the_bridge_module_loads_after_the_agent_started() -> anyhow
     }
     match bridge_module_state()? {
         None => {
-            eprintln!(
-                "SKIP {test}: bridge is built into this kernel (CONFIG_BRIDGE=y); `cargo xtask vmtest` covers it on Debian kernels"
+            skip(
+                test,
+                Need::BridgeModule,
+                "bridge is built into this kernel (CONFIG_BRIDGE=y); `cargo xtask vmtest` covers it on Debian kernels",
             );
             return Ok(());
         }
         Some(true) => {
             let out = Command::new("rmmod").arg("bridge").output()?;
             if !out.status.success() {
-                eprintln!(
-                    "SKIP {test}: bridge.ko is loaded and cannot be unloaded ({})",
-                    String::from_utf8_lossy(&out.stderr).trim()
+                skip(
+                    test,
+                    Need::BridgeModule,
+                    format_args!(
+                        "bridge.ko is loaded and cannot be unloaded ({})",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
                 );
                 return Ok(());
             }

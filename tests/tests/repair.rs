@@ -142,13 +142,17 @@ fn a_vpn_like_change_is_left_alone() -> anyhow::Result<()> {
     }
     let (lab, mut agent) = guarded_lab("vpn", &["--port-pattern", "vnet*"])?;
     let mark = agent.drain_log().len();
-    // What a VPN client does: a tunnel device, up, addressed, with split default routes.
-    lab.host.ip("tuntap add dev tun0 mode tun")?;
-    lab.host.ip("addr add 198.19.255.2/30 dev tun0")?;
-    lab.host.ip("link set tun0 up")?;
+    // What a VPN client in tap mode does: a tap device, up, addressed, with split default
+    // routes. Its name matches the port pattern and a tap can be enslaved: only learned
+    // membership (it never was on br0) keeps the agent from pulling it onto the bridge.
+    let vpn = "vnet9";
+    lab.host.ip(&format!("tuntap add dev {vpn} mode tap"))?;
+    lab.host
+        .ip(&format!("addr add 198.19.255.2/30 dev {vpn}"))?;
+    lab.host.ip(&format!("link set {vpn} up"))?;
     lab.host.ip("addr add 198.18.0.254/24 dev br0")?;
-    lab.host.ip("route add 0.0.0.0/1 dev tun0")?;
-    lab.host.ip("route add 128.0.0.0/1 dev tun0")?;
+    lab.host.ip(&format!("route add 0.0.0.0/1 dev {vpn}"))?;
+    lab.host.ip(&format!("route add 128.0.0.0/1 dev {vpn}"))?;
     // Barrier: a fault after the VPN change. Its repair proves the agent has processed every
     // notification the VPN change caused.
     lab.host.ip("link set vnet2 nomaster")?;
@@ -164,8 +168,9 @@ fn a_vpn_like_change_is_left_alone() -> anyhow::Result<()> {
         repairs.is_empty(),
         "the VPN change caused repairs: {repairs:?}"
     );
-    let tun: serde_json::Value = serde_json::from_str(&lab.host.ip("-j link show tun0")?)?;
-    assert!(tun[0].get("master").is_none(), "tun0 was enslaved: {tun}");
+    let dev: serde_json::Value =
+        serde_json::from_str(&lab.host.ip(&format!("-j link show {vpn}"))?)?;
+    assert!(dev[0].get("master").is_none(), "{vpn} was enslaved: {dev}");
     lab.wait_healthy(HEAL)?;
     lab.guests_talk(0, 1, TALK)?;
     Ok(())

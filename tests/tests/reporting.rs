@@ -267,10 +267,11 @@ fn with_repair_a_port_barely_listens_and_each_listening_is_one_repair() -> anyho
         "bridge_guard_port_state_seconds_total",
         &[("port", "vnet0"), ("state", "listening")],
     );
-    // The stay includes the pause above and the agent's reaction: milliseconds here, up to a
-    // tenth of a second under emulation (the VM matrix), against the 2 s forward delay an
-    // unguarded port listens. How fast is the benchmark's business; this asserts "cut short".
-    assert!(listening < 1.0, "{listening} s in listening: not cut short");
+    // The stay includes the pause above and the agent's reaction: milliseconds here, and up to
+    // 1.6 s has been seen under emulation (the VM matrix, two guests on a busy machine), so the
+    // bound is the 2 s forward delay an unguarded port listens. How fast is the benchmark's
+    // business; this asserts "cut short" (and no learning above says the timer never fired).
+    assert!(listening < 2.0, "{listening} s in listening: not cut short");
     assert!(
         value(
             &s,

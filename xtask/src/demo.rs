@@ -351,11 +351,11 @@ pub fn run(release: bool) -> Result<()> {
     say(&table);
     say(&format!(
         "━━ Where to go next ━━\n\n\
-         Guard your own bridge (libvirt's is virbr0), with metrics on 127.0.0.1:9558:\n   \
-         sudo {bin} run --bridge virbr0 --port-pattern 'vnet*' --metrics 9558\n\
+         Guard your own bridge (libvirt's is virbr0), with metrics on 127.0.0.1:19469:\n   \
+         sudo {bin} run --bridge virbr0 --port-pattern 'vnet*' --metrics 19469\n\
          What it knows, and what it repaired:\n   \
          sudo {bin} status\n   \
-         curl -s http://127.0.0.1:9558/metrics | grep -E 'bridge_guard_(repairs_total|port_outage)'\n\
+         curl -s http://127.0.0.1:19469/metrics | grep -E 'bridge_guard_(repairs_total|port_outage)'\n\
          Every bridge event live, and what this kernel allows:\n   \
          cargo xtask run -- watch\n   \
          cargo xtask run -- doctor\n\

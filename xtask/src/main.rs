@@ -5,8 +5,10 @@
 
 mod bench;
 mod demo;
+mod dist;
 mod lab;
 mod setup;
+mod systemd_test;
 mod vmtest;
 
 use std::{
@@ -27,8 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install the eBPF toolchain: nightly with rust-src, and bpf-linker built against the
-    /// nightly's own LLVM. Idempotent.
+    /// Install the eBPF toolchain: the nightly pinned in bridge-guard-ebpf/rust-toolchain.toml
+    /// with rust-src, and bpf-linker built against that nightly's own LLVM (their LLVM majors
+    /// are checked to match). Idempotent.
     Setup,
     /// Build the agent with its eBPF programs.
     Build {
@@ -46,8 +49,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, and the root-only namespace integration tests against the
-    /// real kernel and the real agent.
+    /// Run every test: unit tests, the root-only namespace integration tests against the
+    /// real kernel and the real agent (with the unit under a real systemd in a container),
+    /// then the offline release build (`dist`) and the VM matrix.
     Test {
         /// Only tests whose name contains this.
         filter: Option<String>,
@@ -55,6 +59,19 @@ enum Task {
         #[arg(long)]
         no_vm: bool,
     },
+    /// Build the release tarball offline, as a distribution would:
+    /// target/dist/bridge-guard-VERSION-ARCH-linux.tar.gz.
+    ///
+    /// Vendors every crate the build needs (the workspace's, and the standard library's that
+    /// `-Z build-std=core` needs for the eBPF programs) into target/dist/vendor, then builds the
+    /// release binary in a network namespace of its own with crates.io replaced by that
+    /// directory. The archive holds bin/bridge-guard (eBPF embedded, or the task fails), the
+    /// systemd unit, the annotated configuration, man pages, bash/zsh/fish completions, the
+    /// monitoring rules and dashboard when monitoring/ exists, and the licences. Needs root (or
+    /// user namespaces) for the network namespace, and the network once to fill the vendor
+    /// directory. Several minutes the first time; the build directory target/dist/target is
+    /// kept for the next run.
+    Dist,
     /// Benchmark bridge-guard against the least any guard could do (an oracle told the fault
     /// in advance), the shell guard users write today (an `ip monitor` loop around a fix
     /// script) and no guard, in a network-namespace lab.
@@ -81,21 +98,26 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Boot Debian's distribution kernels (bookworm's 6.1 and the archive's 6.12) under qemu
-    /// and run `bridge-guard doctor` and the integration tests inside each one.
+    /// Boot Debian's distribution kernels (bullseye's 5.10, bookworm's 6.1 and the archive's
+    /// 6.12) under qemu and run `bridge-guard doctor`, the integration tests and the fault storm
+    /// inside each one.
     ///
     /// The host kernel refuses kprobes and fentry and has bridge built in; these kernels allow
-    /// both and load bridge as a module, so this is where the better hook tiers and module BTF
-    /// get exercised. Guests boot with virtme-ng over the host's root filesystem, under
-    /// software emulation (TCG: KVM hangs guests here): about 15 s to boot, some 5 minutes per
-    /// kernel for the whole suite. Needs root, and Debian's archive and PyPI the first time: it
-    /// installs qemu-system-x86, kmod, busybox-static and virtme-ng itself, caches the kernels
-    /// in <tools>/kernels and links their modules into /lib/modules. Results and the console
-    /// log of each VM are kept in target/vmtest/<release>/. Fails if any test fails or any
-    /// kernel does not boot.
+    /// both and load bridge as a module, so this is where the better hook tiers, module BTF and
+    /// (5.10) the memlock limit get exercised. Guests boot with virtme-ng over the host's root
+    /// filesystem, under software emulation (TCG: KVM hangs guests here), two at a time with
+    /// one vCPU each. Each guest then runs the same fault storm against the agent with eBPF and
+    /// with --no-ebpf (see docs/benchmarks.md). A test that skips on a requirement the guest
+    /// must meet (root, bridge as a module, kprobe-or-better hooks, fentry where the series
+    /// has it) fails. Needs root, and Debian's archive and PyPI the first time: it installs
+    /// qemu-system-x86, kmod, busybox-static and virtme-ng itself, caches the kernels in
+    /// <tools>/kernels (bullseye's through a private apt tree under <tools>/apt, never the
+    /// host's sources) and links their modules into /lib/modules. Results and the console log
+    /// of each VM are kept in target/vmtest/<release>/. Fails if any test fails, a kernel does
+    /// not boot, or the storm's claims do not hold.
     Vmtest {
-        /// Only this kernel: `6.1` or `6.12` for a series, or any part of a release such as
-        /// `6.1.0-56` or `6.12.117`.
+        /// Only this kernel: `5.10`, `6.1` or `6.12` for a series, or any part of a release
+        /// such as `6.1.0-56` or `6.12.117`.
         #[arg(long)]
         kernel: Option<String>,
         /// Only tests whose name contains this (passed to the test binaries).
@@ -110,7 +132,17 @@ enum Task {
         /// Give up on a VM (and kill it) after this many seconds.
         #[arg(long, value_name = "SECONDS", default_value_t = 1800)]
         timeout: u64,
+        /// Do not run the fault storm (eBPF against --no-ebpf) in the guests.
+        #[arg(long)]
+        no_storm: bool,
+        /// Do not write the storm's results into docs/benchmarks.md (written only by runs over
+        /// every kernel).
+        #[arg(long)]
+        no_docs: bool,
     },
+    /// Inside a vmtest guest: the fault storm against the agent with eBPF and with --no-ebpf.
+    #[command(hide = true)]
+    VmtestStorm(vmtest::storm::Args),
 }
 
 /// Where cargo puts build output: `$CARGO_TARGET_DIR`, else `<workspace>/target`.
@@ -139,6 +171,37 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let status = cmd
         .status()
         .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs the host's `cargo test`, echoing its output, then prints the host's skips by
+/// requirement (tests print them with `--show-output`).
+fn run_tallying_skips(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut text = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let status = child.wait()?;
+    print!(
+        "\n{}",
+        vmtest::skips::tally(
+            "host",
+            vmtest::skips::HOST_EXPECT,
+            &vmtest::skips::collect(&text)
+        )
+    );
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -191,25 +254,46 @@ fn main() -> Result<()> {
             }
             setup::ensure_test_tools()?;
             let bin = build(false)?;
+            // The systemd tests boot a container from a cached Debian root.
+            let container_root = systemd_test::ensure_root()?;
             let mut cmd = cargo();
             cmd.args(["test", "--workspace", "--no-fail-fast"])
-                .env("BRIDGE_GUARD_BIN", &bin);
+                .env("BRIDGE_GUARD_BIN", &bin)
+                .env(systemd_test::ROOT_ENV, &container_root)
+                .env("BRIDGE_GUARD_ENV", "host")
+                .env("BRIDGE_GUARD_EXPECT", vmtest::skips::HOST_EXPECT);
             if let Some(f) = &filter {
                 cmd.arg(f);
             }
             // Output of passing tests too: a test that skips says why, and that must show.
             cmd.args(["--", "--show-output"]);
             // Both layers run even if the first fails: one report of everything that broke.
-            let host = run(&mut cmd);
+            let host = run_tallying_skips(&mut cmd);
+            // The offline release build, as CI's proof that a sandboxed build works; not for a
+            // filtered run, which asked for some tests only.
+            let dist = if filter.is_none() {
+                dist::run()
+            } else {
+                eprintln!("xtask: a filter was given: skipping `cargo xtask dist`");
+                Ok(())
+            };
+            let host = match (host, dist) {
+                (Ok(()), Ok(())) => Ok(()),
+                (Err(h), Ok(())) => Err(h),
+                (Ok(()), Err(d)) => Err(d.context("cargo xtask dist failed")),
+                (Err(h), Err(d)) => Err(h.context(format!("and cargo xtask dist failed: {d:#}"))),
+            };
             let vm = if no_vm {
                 eprintln!("xtask: --no-vm: skipping the VM matrix");
                 Ok(())
             } else {
                 vmtest::run(&vmtest::Options {
                     kernel: None,
+                    docs: filter.is_none(),
                     filter,
                     keep_going: true,
                     timeout: std::time::Duration::from_secs(1800),
+                    storm: true,
                 })
             };
             match (host, vm) {
@@ -219,6 +303,7 @@ fn main() -> Result<()> {
                 (Err(h), Err(v)) => bail!("host tests failed: {h:#}\nVM matrix failed: {v:#}"),
             }
         }
+        Task::Dist => dist::run(),
         Task::Bench(args) => bench::run(&args),
         Task::Demo { release } => demo::run(release),
         Task::Vmtest {
@@ -226,12 +311,17 @@ fn main() -> Result<()> {
             filter,
             fail_fast,
             timeout,
+            no_storm,
+            no_docs,
             ..
         } => vmtest::run(&vmtest::Options {
+            docs: !no_docs && filter.is_none(),
             kernel,
             filter,
             keep_going: !fail_fast,
             timeout: std::time::Duration::from_secs(timeout),
+            storm: !no_storm,
         }),
+        Task::VmtestStorm(args) => vmtest::storm::run(&args),
     }
 }

@@ -39,7 +39,7 @@ use crate::{
         netlink::{self, LinkKind, Netlink, NetlinkError, NetlinkEvent},
     },
     status::Status,
-    sys::{clock::monotonic_ns, notify::Notifier},
+    sys::{clock::monotonic_ns, last_hour::LastHour, notify::Notifier},
 };
 
 use self::repair::Requests;
@@ -84,6 +84,17 @@ pub enum AgentError {
     Ring(#[source] std::io::Error),
 }
 
+/// A new configuration for the running agent (SIGHUP): what can change without dropping the
+/// hooks or the model.
+#[derive(Debug)]
+pub struct Reload {
+    pub guards: Vec<Guard>,
+    pub observe: bool,
+    pub libvirt_dir: PathBuf,
+    /// Told the new status line once the reload is applied: resynced, and its repairs sent.
+    pub done: tokio::sync::oneshot::Sender<String>,
+}
+
 pub struct Agent {
     cfg: Config,
     model: Model,
@@ -122,6 +133,12 @@ pub struct Agent {
     resync_later: Option<(Instant, &'static str)>,
     /// Loop protection, and what the planner needs from beyond the model.
     loops: LoopGuard,
+    /// Repairs done in the last hour, for the status line.
+    recent_repairs: LastHour,
+    /// Where the status line goes (systemd's STATUS=), and the last one sent.
+    status_to: Option<(Arc<Notifier>, String)>,
+    /// Configuration reloads (see [`Agent::reloads`]).
+    reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -210,6 +227,9 @@ impl Agent {
             resync_due: None,
             resync_later: None,
             loops,
+            recent_repairs: LastHour::default(),
+            status_to: None,
+            reloads: None,
         };
         let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
             p.hooks
@@ -252,12 +272,12 @@ impl Agent {
     pub async fn start_up(&mut self) -> Result<(), AgentError> {
         self.resync("start").await?;
         let now = monotonic_ns();
-        self.step(now);
+        self.step(now, "resync");
         while let Some(answers) = self.requests.next().await {
             let acked = monotonic_ns();
-            self.gather(&mut Vec::new(), &mut Vec::new());
+            let trigger = self.gather(&mut Vec::new(), &mut Vec::new());
             self.take_answers(answers, acked);
-            self.step(acked);
+            self.step(acked, trigger.unwrap_or("resync"));
         }
         self.publish();
         Ok(())
@@ -305,6 +325,9 @@ impl Agent {
                 .collect();
         }
         self.record_transitions(&transitions);
+        // The dump may have dropped ports whose deletion was among lost news: forget them now,
+        // not at the next news, which may be a long time coming.
+        self.forget_gone();
         let full = matches!(reason, "start" | "periodic");
         let found = self
             .loops
@@ -314,6 +337,33 @@ impl Agent {
         self.acc().on_resync(reason);
         tracing::debug!(reason, "resynced from a dump");
         Ok(())
+    }
+
+    /// Where to send configuration reloads; [`Agent::run`] applies them between events.
+    pub fn reloads(&mut self) -> tokio::sync::mpsc::Sender<Reload> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        self.reloads = Some(rx);
+        tx
+    }
+
+    /// Swaps the guarded bridges and their policy, keeping the hooks, the model's links and
+    /// learned members (of bridges still guarded) and the accounting; a resync follows, and
+    /// the repairs the new policy calls for.
+    fn reload(&mut self, guards: Vec<Guard>, observe: bool, libvirt_dir: PathBuf) {
+        self.model
+            .set_guarded(guards.iter().map(|g| g.bridge.clone()));
+        self.acc().guard(guards.iter().map(|g| g.bridge.as_str()));
+        self.acc().observe = observe;
+        self.loops
+            .reconfigure(&guards, observe, self.probes.as_mut());
+        self.cfg.guards = guards;
+        self.cfg.observe = observe;
+        self.cfg.libvirt_dir = libvirt_dir;
+        // What is refused or only observed is said again under the new policy.
+        self.observed.clear();
+        self.refusals.clear();
+        self.dirty = true;
+        self.request_resync("reload");
     }
 
     fn request_resync(&mut self, reason: &'static str) {
@@ -346,6 +396,7 @@ impl Agent {
         let mut publish_at: Option<Instant> = None;
         // The state file's timestamp is the agent's heartbeat for `status`.
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
+        let mut reloaded = None;
         loop {
             let wake = self.next_wakeup();
             let mut answers = None;
@@ -385,9 +436,21 @@ impl Agent {
                 _ = heartbeat.tick() => {
                     self.dirty = true;
                     self.publish();
+                    // What a burst (a flood, thousands of taps) made the heap grow by goes
+                    // back to the system, off the hot path.
+                    crate::sys::memory::trim();
                     continue;
                 }
                 _ = reconcile.tick() => self.request_resync("periodic"),
+                Some(r) = async {
+                    match self.reloads.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.reload(r.guards, r.observe, r.libvirt_dir);
+                    reloaded = Some(r.done);
+                }
                 Some(a) = self.requests.next(), if !self.requests.is_empty() => answers = Some(a),
                 r = ebpf_next => r.map_err(AgentError::Ring)?,
                 ev = self.netlink.notifications.recv() => {
@@ -401,7 +464,7 @@ impl Agent {
             // One turn of the scheduler first: woken by the ring buffer, this task runs before
             // the netlink connection's task has read the socket it shares a wakeup with.
             tokio::task::yield_now().await;
-            self.gather(&mut batch, &mut notices);
+            let news = self.gather(&mut batch, &mut notices);
             if let Some(a) = answers {
                 self.take_answers(a, woke);
             }
@@ -411,6 +474,7 @@ impl Agent {
                     self.request_resync(reason);
                 }
             }
+            let resynced = self.resync_due.is_some();
             if let Some(reason) = self.resync_due.take() {
                 tokio::select! {
                     biased;
@@ -421,7 +485,13 @@ impl Agent {
                     },
                 }
             }
-            self.step(woke);
+            self.step(
+                woke,
+                news.unwrap_or(if resynced { "resync" } else { "timer" }),
+            );
+            if let Some(done) = reloaded.take() {
+                let _ = done.send(self.status_line());
+            }
             // Publishing (state file, textfile) waits a little and coalesces: it must never
             // sit between a fault's notifications and their repair.
             if self.dirty && publish_at.is_none() {
@@ -451,12 +521,13 @@ impl Agent {
     }
 
     /// Takes the news both sources queued (bounded per turn) and applies it: eBPF first, as
-    /// it tells of a change as it happens and netlink after it.
+    /// it tells of a change as it happens and netlink after it. Says whose news came first:
+    /// what a repair planned next is triggered by.
     fn gather(
         &mut self,
         batch: &mut Vec<Result<KernelEvent, DecodeError>>,
         notices: &mut Vec<NetlinkEvent>,
-    ) {
+    ) -> Option<repair::Trigger> {
         if let Some(ev) = self.events.as_mut() {
             ev.drain(batch, ring::BATCH);
         }
@@ -473,6 +544,11 @@ impl Agent {
                 }
             }
         }
+        let news = match (batch.is_empty(), notices.is_empty()) {
+            (false, _) => Some("ebpf"),
+            (true, false) => Some("netlink"),
+            (true, true) => None,
+        };
         if !batch.is_empty() {
             *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
             // Events the kernel could not queue mean the model may have missed a change.
@@ -519,6 +595,7 @@ impl Agent {
             }
         }
         self.forget_gone();
+        news
     }
 
     fn apply_netlink(&mut self, ev: NetlinkEvent) {

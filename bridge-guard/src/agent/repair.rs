@@ -22,10 +22,18 @@ use crate::{
 /// How often a repair that keeps failing the same way is logged.
 const FAILURE_LOG_EVERY_NS: u64 = 10_000_000_000;
 
+/// Whose news a repair was planned on, for its log line: `ebpf` when the turn held eBPF
+/// events (applied first), else `netlink`; `resync` (a dump) or `timer` (a held repair's slot,
+/// an answer) when neither source had news.
+pub(super) type Trigger = &'static str;
+
 /// A repair sent, with what it is for.
 pub(super) struct Sent {
     action: Action,
     key: String,
+    trigger: Trigger,
+    /// When it was planned (CLOCK_MONOTONIC), for the log line.
+    planned: Ktime,
     /// What was wrong, for the log line.
     fault: String,
     outage_since: Option<Ktime>,
@@ -69,7 +77,7 @@ impl Agent {
     /// One turn's work once the news is in: what is due (fight reports, log summaries), the
     /// plan and the repairs it calls for, sent without waiting; then the transitions are
     /// accounted and logged, after their repairs went out.
-    pub(super) fn step(&mut self, woke: Ktime) {
+    pub(super) fn step(&mut self, woke: Ktime, trigger: Trigger) {
         let now = monotonic_ns();
         for r in self.limiter.tick(now) {
             self.report_fight(&r);
@@ -78,7 +86,7 @@ impl Agent {
             report::log_coalesced(&s);
         }
         self.account_bridges(now);
-        self.repair(woke, now);
+        self.repair(woke, now, trigger);
         self.flush_transitions();
     }
 
@@ -96,7 +104,7 @@ impl Agent {
         }
     }
 
-    fn repair(&mut self, woke: Ktime, now: Ktime) {
+    fn repair(&mut self, woke: Ktime, now: Ktime, trigger: Trigger) {
         // Loop protection first: what it saw decides which ports may forward.
         let found = self.loops.update(&self.model, now);
         self.account_loops(&found);
@@ -176,6 +184,8 @@ impl Agent {
             batch.push(Sent {
                 action,
                 key,
+                trigger,
+                planned: now,
                 fault,
                 outage_since,
                 woke,
@@ -213,6 +223,7 @@ impl Agent {
                         acked.saturating_sub(sent.woke),
                     );
                     *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
+                    self.recent_repairs.record(acked);
                     self.failures.remove(&sent.key);
                     self.dirty = true;
                     if !action.done(&self.model) {
@@ -225,6 +236,8 @@ impl Agent {
                             bridge = action.bridge(),
                             action = action.kind(),
                             latency_us = acked.saturating_sub(sent.woke) / 1000,
+                            trigger = sent.trigger,
+                            planned_ns = sent.planned,
                             "repaired: {action}: {}{outage}",
                             sent.fault
                         );

@@ -1,7 +1,7 @@
 //! What the agent says: one line per port transition (bounded per port), per-port summaries,
 //! the state `status` reads, and the metrics textfile.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use super::{Agent, actor_text};
 use crate::{
@@ -11,7 +11,10 @@ use crate::{
     exposition,
     model::{Ktime, Transition},
     status::{self, FightStatus, Status},
-    sys::clock::{monotonic_ns, wall_time},
+    sys::{
+        clock::{monotonic_ns, wall_time},
+        notify::Notifier,
+    },
 };
 
 /// The line for transitions a port made past its log budget.
@@ -235,8 +238,65 @@ impl Agent {
                 tracing::warn!("cannot write the metrics textfile {}: {e}", path.display());
             }
         }
+        // STATUS= first: whoever sees the new state file can count on systemd having it.
+        let line = self.status_line();
+        if let Some((notifier, sent)) = &mut self.status_to {
+            if *sent != line {
+                if let Err(e) = notifier.status(&line) {
+                    tracing::warn!("cannot send systemd the status line: {e}");
+                }
+                *sent = line;
+            }
+        }
         if let Err(e) = self.status().write(&self.cfg.state_dir) {
             tracing::warn!("{}", crate::error_chain(&e));
         }
+    }
+
+    /// Sends the status line to systemd (STATUS=) now, and again whenever the state is
+    /// published and the line changed.
+    pub fn report_status_to(&mut self, notifier: Arc<Notifier>) {
+        let line = self.status_line();
+        if let Err(e) = notifier.status(&line) {
+            tracing::warn!("cannot send systemd the status line: {e}");
+        }
+        self.status_to = Some((notifier, line));
+    }
+
+    /// One line for systemd's STATUS=, e.g. "guarding virbr0: 3/3 forwarding, 2 repairs in the
+    /// last hour".
+    pub fn status_line(&self) -> String {
+        let bridges: Vec<String> = self
+            .cfg
+            .guards
+            .iter()
+            .map(|g| {
+                if self.model.bridge(&g.bridge).is_none() {
+                    return format!("{}: absent", g.bridge);
+                }
+                let (mut ports, mut forwarding) = (0, 0);
+                for (_, t) in self.model.tracks().filter(|(_, t)| t.bridge == g.bridge) {
+                    ports += 1;
+                    forwarding += usize::from(t.state == PortState::Forwarding);
+                }
+                let refused = if self.refusals.iter().any(|r| r.bridge == g.bridge) {
+                    " (repairs refused)"
+                } else {
+                    ""
+                };
+                format!("{}: {forwarding}/{ports} forwarding{refused}", g.bridge)
+            })
+            .collect();
+        let repairs = self.recent_repairs.count(monotonic_ns());
+        format!(
+            "guarding {}, {repairs} repair{} in the last hour{}",
+            bridges.join("; "),
+            if repairs == 1 { "" } else { "s" },
+            if self.cfg.observe {
+                "; observe-only"
+            } else {
+                ""
+            }
+        )
     }
 }

@@ -2,9 +2,11 @@
 //! messages for people (anyhow).
 
 mod check_config;
+mod completions;
 mod doctor;
 mod fix;
 mod guard_args;
+mod manpage;
 mod run;
 mod status;
 mod watch;
@@ -13,7 +15,39 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{self, LogFormat, Settings};
+use crate::config::{self, ConfigError, LogFormat, Settings};
+
+/// sysexits' `EX_CONFIG`: the configuration (file or flags) is wrong. The unit's
+/// `RestartPreventExitStatus=78` keeps a typo from becoming a restart loop.
+pub const EX_CONFIG: u8 = 78;
+
+/// `--version`: whether the eBPF programs are embedded, with their size and SHA-256 (build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (eBPF programs ",
+    env!("BRIDGE_GUARD_EBPF_INFO"),
+    ")"
+);
+
+/// Marks an error found in the configuration rather than in the system, so that it exits with
+/// [`EX_CONFIG`]. Used as anyhow context where the check is not a [`ConfigError`].
+#[derive(Debug)]
+pub struct InvalidConfig;
+
+impl std::fmt::Display for InvalidConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("invalid configuration")
+    }
+}
+
+/// The exit status for an error: [`EX_CONFIG`] for the configuration's, 1 for the rest.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<ConfigError>().is_some() || e.downcast_ref::<InvalidConfig>().is_some() {
+        EX_CONFIG
+    } else {
+        1
+    }
+}
 
 /// Keeps Linux bridges that carry VM traffic forwarding, and accounts for every outage.
 ///
@@ -23,8 +57,12 @@ use crate::config::{self, LogFormat, Settings};
 /// Start with `bridge-guard doctor` to see what this kernel allows, `bridge-guard watch` to see
 /// bridge events live, then `bridge-guard run --bridge virbr0` to guard a bridge. Needs root
 /// (or CAP_BPF + CAP_PERFMON, and CAP_NET_ADMIN to repair).
+///
+/// Exit status: 0 on success; 78 (EX_CONFIG) when the configuration file or the flags are
+/// wrong, so that systemd does not restart it in a loop; 1 for any other error
+/// (`check-config` exits 1 for a bad file: the check ran fine).
 #[derive(Debug, Parser)]
-#[command(name = "bridge-guard", version, propagate_version = true)]
+#[command(name = "bridge-guard", version = VERSION, propagate_version = true)]
 pub struct Cli {
     /// Log level for diagnostics (error, warn, info, debug, trace) [default: info, or the
     /// configuration's log_level]; RUST_LOG overrides.
@@ -68,13 +106,23 @@ enum Command {
     /// `doctor --path virbr0` instead checks what stops virbr0's VM traffic beyond layer 2:
     /// a VPN's default route, firewall drops, strict rp_filter, forwarding off, no DHCP/DNS.
     Doctor(doctor::Args),
+    /// Print a shell completion script.
+    ///
+    /// Example: `bridge-guard completions bash > /etc/bash_completion.d/bridge-guard`, or
+    /// `bridge-guard completions fish > ~/.config/fish/completions/bridge-guard.fish`.
+    Completions(completions::Args),
+    /// Write the manual pages: bridge-guard.8 and one page per subcommand.
+    ///
+    /// Example: `bridge-guard manpage /usr/local/share/man/man8 && mandb`. The release tarball
+    /// (`cargo xtask dist`) ships them already.
+    Manpage(manpage::Args),
 }
 
 fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
     use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .map_err(|e| anyhow::anyhow!("--log-level {level}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("--log-level {level}: {e}").context(InvalidConfig))?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry
@@ -101,8 +149,20 @@ fn init_logging(level: &str, format: LogFormat) -> anyhow::Result<()> {
                      running? Use --log-format text to log to stderr"
                 )
             })?;
+            // Fields under their own names (`journalctl PORT=vnet0`), not tracing-journald's
+            // default `F_PORT`; info is syslog's info (6), not notice (5).
+            let priorities = tracing_journald::PriorityMappings {
+                info: tracing_journald::Priority::Informational,
+                debug: tracing_journald::Priority::Debug,
+                ..tracing_journald::PriorityMappings::new()
+            };
             registry
-                .with(layer.with_syslog_identifier("bridge-guard".into()))
+                .with(
+                    layer
+                        .with_field_prefix(None)
+                        .with_priority_mappings(priorities)
+                        .with_syslog_identifier("bridge-guard".into()),
+                )
                 .init();
         }
     }
@@ -123,7 +183,7 @@ pub fn main() -> ExitCode {
         Some(Ok(s)) => s,
         Some(Err(e)) => {
             eprintln!("bridge-guard: error: {}", crate::error_chain(&e));
-            return ExitCode::FAILURE;
+            return ExitCode::from(EX_CONFIG);
         }
     };
     let level = cli
@@ -137,7 +197,8 @@ pub fn main() -> ExitCode {
         .unwrap_or(LogFormat::Text);
     if let Err(e) = init_logging(&level, format) {
         eprintln!("bridge-guard: error: {e:#}");
-        return ExitCode::FAILURE;
+        // A bad log level is the configuration's; an unreachable journal is the system's.
+        return ExitCode::from(exit_code(&e));
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -149,6 +210,8 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // check-config reports the file's errors as its result, not as its own failure.
+    let checking = matches!(cli.command, Command::CheckConfig(_));
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run::run(args, settings).await,
@@ -157,6 +220,8 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::run(&args),
             Command::Watch(args) => watch::run(args).await,
             Command::Doctor(args) => doctor::run(&args),
+            Command::Completions(args) => completions::run(&args),
+            Command::Manpage(args) => manpage::run(&args),
         }
     });
     match result {
@@ -167,7 +232,7 @@ pub fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("bridge-guard: error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(if checking { 1 } else { exit_code(&e) })
         }
     }
 }
@@ -175,4 +240,40 @@ pub fn main() -> ExitCode {
 /// Writes `contents` to `path` atomically, so a reader never sees half a file.
 pub(crate) fn write_atomically(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
     crate::sys::fs::write_atomically(path, contents)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_says_whether_the_ebpf_object_is_embedded() {
+        let rest = VERSION
+            .strip_prefix(concat!(env!("CARGO_PKG_VERSION"), " (eBPF programs "))
+            .unwrap_or_else(|| panic!("{VERSION}"));
+        if let Some(info) = rest.strip_prefix("embedded: ") {
+            let (bytes, rest) = info.split_once(" bytes, sha256 ").expect(VERSION);
+            assert!(bytes.parse::<u64>().is_ok_and(|n| n > 0), "{VERSION}");
+            let hash: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+            assert_eq!(hash.len(), 64, "a SHA-256 in hex: {VERSION}");
+        } else {
+            assert!(rest.starts_with("not embedded: "), "{VERSION}");
+        }
+        assert!(VERSION.ends_with(')'), "{VERSION}");
+    }
+
+    #[test]
+    fn configuration_errors_exit_78_and_others_1() {
+        let located = ConfigError::Invalid(config::Located {
+            path: "/etc/bridge-guard/config.toml".into(),
+            line: 1,
+            column: 1,
+            message: "unknown field".into(),
+            hint: "remove it".into(),
+        });
+        assert_eq!(exit_code(&anyhow::Error::from(located)), EX_CONFIG);
+        let wrapped = anyhow::anyhow!("no bridge to guard").context(InvalidConfig);
+        assert_eq!(exit_code(&wrapped.context("starting")), EX_CONFIG);
+        assert_eq!(exit_code(&anyhow::anyhow!("netlink closed")), 1);
+    }
 }

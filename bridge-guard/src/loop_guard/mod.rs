@@ -144,6 +144,15 @@ fn mac_text(m: &[u8; 6]) -> String {
         .join(":")
 }
 
+/// The guarded bridges with loop protection on.
+fn protected(guards: &[Guard]) -> BTreeSet<String> {
+    guards
+        .iter()
+        .filter(|g| g.policy.loop_protect)
+        .map(|g| g.bridge.clone())
+        .collect()
+}
+
 impl LoopGuard {
     /// Opens what loop protection needs for `guards` and logs which detectors run. `observe`:
     /// loops are reported, not cut.
@@ -155,11 +164,7 @@ impl LoopGuard {
     ) -> Self {
         let nonce = random_nonce();
         let n = nonce.to_be_bytes();
-        let protected: BTreeSet<String> = guards
-            .iter()
-            .filter(|g| g.policy.loop_protect)
-            .map(|g| g.bridge.clone())
-            .collect();
+        let protected = protected(guards);
         let mut guard = Self {
             handle,
             lookups: FuturesUnordered::new(),
@@ -188,43 +193,69 @@ impl LoopGuard {
             observe,
             started: false,
         };
-        if guard.protected.is_empty() {
+        guard.open_detectors(probes);
+        guard
+    }
+
+    /// Opens the detectors the protected bridges need and not yet open, and logs which run.
+    fn open_detectors(&mut self, probes: Option<&mut Probes>) {
+        if self.protected.is_empty() {
             tracing::info!("loop protection: off (loop_protect = false on every guarded bridge)");
-            return guard;
+            return;
         }
-        let probing = match Sockets::new() {
-            Ok(s) => {
-                guard.sockets = Some(s);
-                "probes and BPDU guard: packet sockets".to_owned()
+        if self.sockets.is_none() {
+            match Sockets::new() {
+                Ok(s) => {
+                    self.sockets = Some(s);
+                    self.no_sockets = None;
+                }
+                Err(e) => self.no_sockets = Some(e.to_string()),
             }
-            Err(e) => {
-                guard.no_sockets = Some(e.to_string());
-                format!("probes and BPDU guard: none ({e})")
-            }
+        }
+        let probing = match &self.no_sockets {
+            None => "probes and BPDU guard: packet sockets".to_owned(),
+            Some(e) => format!("probes and BPDU guard: none ({e})"),
         };
+        const FLAPS_BY_EBPF: &str = "MAC flapping: eBPF (br_fdb_update tracepoint)";
         let flapping = match probes {
+            _ if self.flaps.is_some() => FLAPS_BY_EBPF.to_owned(),
             Some(p) if p.tier("fdb-flap") != Tier::None => match p.fdb_flaps() {
                 Ok(f) => {
-                    guard.flaps = Some(f);
-                    "MAC flapping: eBPF (br_fdb_update tracepoint)".to_owned()
+                    self.flaps = Some(f);
+                    FLAPS_BY_EBPF.to_owned()
                 }
                 Err(e) => format!("MAC flapping: none ({})", crate::error_chain(&e)),
             },
             Some(_) => "MAC flapping: none (the fdb-flap hook did not attach)".to_owned(),
             None => "MAC flapping: none (no eBPF)".to_owned(),
         };
-        let names: Vec<&str> = guard.protected.iter().map(String::as_str).collect();
+        let names: Vec<&str> = self.protected.iter().map(String::as_str).collect();
         let line = format!(
             "loop protection on {}: {probing}; {flapping}; probe MAC {}",
             names.join(", "),
-            mac_text(&guard.mac)
+            mac_text(&self.mac)
         );
-        if guard.sockets.is_none() || guard.flaps.is_none() {
+        if self.sockets.is_none() || self.flaps.is_none() {
             tracing::warn!("{line}");
         } else {
             tracing::info!("{line}");
         }
-        guard
+    }
+
+    /// Takes a reloaded configuration: which bridges are guarded and protected, observe-only.
+    /// Detectors a newly protected bridge needs are opened; holds on bridges no longer
+    /// protected are let go (the planner judges those ports as any other again).
+    pub fn reconfigure(&mut self, guards: &[Guard], observe: bool, probes: Option<&mut Probes>) {
+        let before = std::mem::take(&mut self.protected);
+        self.guarded = guards.iter().map(|g| g.bridge.clone()).collect();
+        self.protected = protected(guards);
+        self.observe = observe;
+        if self.protected.is_empty() {
+            self.holds = Holds::default();
+        }
+        if self.protected != before {
+            self.open_detectors(probes);
+        }
     }
 
     /// Remembers that bridge-guard turned STP off on `bridge` (from the previous run's state).

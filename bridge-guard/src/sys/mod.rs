@@ -6,6 +6,7 @@ pub mod clock;
 pub mod color;
 pub mod fs;
 pub mod kallsyms;
+pub mod last_hour;
 pub mod memory;
 pub mod netns;
 pub mod notify;

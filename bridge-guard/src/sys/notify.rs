@@ -1,5 +1,6 @@
-//! The systemd notification protocol (sd_notify): READY, STATUS, WATCHDOG and STOPPING sent
-//! as datagrams to `$NOTIFY_SOCKET`, and the watchdog interval from `$WATCHDOG_USEC`.
+//! The systemd notification protocol (sd_notify): READY, STATUS, RELOADING, WATCHDOG and
+//! STOPPING sent as datagrams to `$NOTIFY_SOCKET`, and the watchdog interval from
+//! `$WATCHDOG_USEC`.
 
 use std::{
     io,
@@ -46,6 +47,18 @@ impl Notifier {
         self.send(&format!("READY=1\nSTATUS={status}"))
     }
 
+    /// `STATUS=`: the one line `systemctl status` shows.
+    pub fn status(&self, status: &str) -> io::Result<()> {
+        self.send(&format!("STATUS={status}"))
+    }
+
+    /// `RELOADING=1` with the time the reload began, as `Type=notify-reload` requires
+    /// (systemd matches it against the SIGHUP it sent); follow it with [`Notifier::ready`].
+    pub fn reloading(&self) -> io::Result<()> {
+        let usec = crate::sys::clock::monotonic_ns() / 1000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"))
+    }
+
     pub fn watchdog(&self) -> io::Result<()> {
         self.send("WATCHDOG=1")
     }
@@ -81,6 +94,21 @@ mod tests {
         let mut buf = [0u8; 256];
         let len = listener.recv(&mut buf).expect("recv");
         assert_eq!(&buf[..len], b"READY=1\nSTATUS=guarding br0");
+        let before = crate::sys::clock::monotonic_ns() / 1000;
+        n.reloading().expect("send");
+        let len = listener.recv(&mut buf).expect("recv");
+        let msg = std::str::from_utf8(&buf[..len]).expect("UTF-8");
+        let usec: u64 = msg
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .and_then(|u| u.parse().ok())
+            .unwrap_or_else(|| panic!("not a reload notification: {msg}"));
+        assert!(
+            (before..=crate::sys::clock::monotonic_ns() / 1000).contains(&usec),
+            "MONOTONIC_USEC is CLOCK_MONOTONIC now: {usec} vs {before}"
+        );
+        n.status("guarding br0: 1/1 forwarding").expect("send");
+        let len = listener.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..len], b"STATUS=guarding br0: 1/1 forwarding");
         std::fs::remove_dir_all(dir).expect("cleanup");
     }
 }

@@ -15,7 +15,7 @@ pub mod faults;
 mod fighter;
 mod loops;
 mod machine;
-mod markdown;
+pub(crate) mod markdown;
 pub mod monitor;
 pub mod observer;
 mod oracle;

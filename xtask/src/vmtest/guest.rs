@@ -10,7 +10,6 @@ use std::{
     fmt::Write as _,
     fs::File,
     io::{BufRead as _, BufReader, PipeReader, Write as _},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
     sync::mpsc,
@@ -20,6 +19,7 @@ use std::{
 use anyhow::{Context as _, Result};
 
 use super::{kernel::Kernel, step};
+use crate::lab::Proc;
 
 /// Prefix of the lines the guest script prints for the host to show live.
 const PROGRESS: &str = "vmtest-guest: ";
@@ -27,6 +27,12 @@ const PROGRESS: &str = "vmtest-guest: ";
 /// this catches a binary that hangs outside them).
 const DOCTOR_SECS: u32 = 300;
 const TEST_BINARY_SECS: u32 = 900;
+const STORM_SECS: u32 = 900;
+/// Taps the churn test makes and deletes in a guest (10,000 on the host), faults per class
+/// its back-to-back tests inject (50), and down/up pairs of its flood (20,000).
+const CHURN_TAPS: u32 = 500;
+const CHURN_ROUNDS: u32 = 10;
+const CHURN_FLAPS: u32 = 1_000;
 const GUEST_MEMORY: &str = "2G";
 /// Host directories the guest gets a private writable overlay of, beyond virtme-ng's own
 /// (/etc, /usr, /var, /tmp, ...): the shared root is read-only, and nix in the guest tries to
@@ -39,10 +45,65 @@ pub struct TestBin {
     pub path: PathBuf,
 }
 
-/// What runs in the guest: the agent and the test binaries, all built on the host.
+/// What runs in the guest: the agent, the test binaries and xtask (for the fault storm), all
+/// built on the host.
 pub struct Build {
     pub agent: PathBuf,
+    pub xtask: PathBuf,
     pub tests: Vec<TestBin>,
+}
+
+/// Test binaries that do not run in the guests, and why: they need what only the host has, or
+/// prove nothing that depends on the kernel, and would only slow the guests (TCG) down.
+/// Every other binary runs there, including ones added later.
+pub const HOST_ONLY: &[(&str, &str)] = &[
+    (
+        "libvirt",
+        "runs libvirtd with its own qemu guests: nested TCG inside a TCG guest",
+    ),
+    ("systemd", "boots systemd in a container of its own"),
+    (
+        "monitoring",
+        "promtool on the shipped alert rules and dashboard: no kernel involved",
+    ),
+    (
+        "metrics",
+        "the metrics server's limits (file descriptors, slow clients): user space, the same on \
+         every kernel",
+    ),
+    (
+        "status",
+        "the status command reading the agent's state file: user space",
+    ),
+];
+
+/// Requirements (`integration_tests::Need`) every guest meets, so a test that skips on one of
+/// them fails there: root, the tools `cargo xtask test` installs (the guest shares the host's
+/// root filesystem), bridge as a module, and a kprobe-or-better tier for every hook. Each
+/// series adds its own (`kernel::Series::expect`).
+const GUEST_EXPECT: &[&str] = &[
+    "root",
+    "tool-*",
+    "bridge-module",
+    "kprobe-port-state",
+    "kprobe-join",
+    "kprobe-leave",
+    "kprobe-stp",
+];
+
+/// `BRIDGE_GUARD_EXPECT` for `k`'s guest.
+pub fn expectations(k: &Kernel) -> String {
+    GUEST_EXPECT
+        .iter()
+        .chain(k.series.expect)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whether `bin` runs in the guests (see [`HOST_ONLY`]).
+pub fn runs_in_guest(bin: &TestBin) -> bool {
+    !HOST_ONLY.iter().any(|(name, _)| *name == bin.name)
 }
 
 /// How the VM ended, seen from the host.
@@ -63,7 +124,7 @@ fn quote_path(p: &Path) -> String {
 
 /// The guest script. Every step leaves `<step>.log` and `<step>.rc` in `out`; `booted` comes
 /// first and `done` last, so the host can tell "never booted" from "died half-way".
-pub fn script(out: &Path, build: &Build, filter: Option<&str>) -> String {
+pub fn script(out: &Path, k: &Kernel, build: &Build, opts: &super::Options) -> String {
     let mut s = String::new();
     let agent = quote_path(&build.agent);
     let _ = write!(
@@ -75,7 +136,10 @@ out={out}
 note() {{ echo "{PROGRESS}$*"; }}
 note "booted $(uname -r)"
 uname -r > "$out/booted"
-export NO_COLOR=1 BRIDGE_GUARD_BIN={agent}
+export NO_COLOR=1 BRIDGE_GUARD_BIN={agent} BRIDGE_GUARD_ENV={env} BRIDGE_GUARD_EXPECT={expect}
+# Emulation is tens of times slower than the host: the churn tests make fewer taps and
+# faults here.
+export BRIDGE_GUARD_CHURN_TAPS={CHURN_TAPS} BRIDGE_GUARD_CHURN_ROUNDS={CHURN_ROUNDS} BRIDGE_GUARD_CHURN_FLAPS={CHURN_FLAPS}
 note "modprobe bridge"
 modprobe bridge > "$out/modprobe.log" 2>&1; echo $? > "$out/modprobe.rc"
 # tun is a module here and nothing made /dev/net/tun (a distribution boot creates it with
@@ -84,26 +148,49 @@ modprobe tun > "$out/tun.log" 2>&1; echo $? > "$out/tun.rc"
 # The tests make namespaces with ip netns, which needs a writable /run/netns.
 {{ ip netns add vmtest-probe && ip netns del vmtest-probe; }} > "$out/netns.log" 2>&1
 echo $? > "$out/netns.rc"
+# Steps a previous boot of this guest finished (it was resumed after a kernel panic) are
+# not run again; each step's .rc file is written last.
+if [ ! -e "$out/doctor-json.rc" ]; then
 note "bridge-guard doctor"
 timeout -k 10 {DOCTOR_SECS} {agent} doctor > "$out/doctor.log" 2>&1; echo $? > "$out/doctor.rc"
 timeout -k 10 {DOCTOR_SECS} {agent} doctor --json > "$out/doctor.json" 2> "$out/doctor-json.log"
 echo $? > "$out/doctor-json.rc"
+fi
 "#,
         out = quote_path(out),
+        env = sh_quote(&k.release),
+        expect = sh_quote(&expectations(k)),
     );
-    let filter = filter
+    let filter = opts
+        .filter
+        .as_deref()
         .map(|f| format!(" {}", sh_quote(f)))
         .unwrap_or_default();
-    for t in &build.tests {
+    for t in build.tests.iter().filter(|t| runs_in_guest(t)) {
         let name = &t.name;
         let _ = write!(
             s,
-            r#"note "test binary {name}"
+            r#"if [ ! -e "$out/test-{name}.rc" ]; then
+note "test binary {name}"
 timeout -k 10 {TEST_BINARY_SECS} {bin}{filter} --show-output > "$out/test-{name}.log" 2>&1
 echo $? > "$out/test-{name}.rc"
 note "{name}: $(grep '^test result' "$out/test-{name}.log" || echo "exit $(cat "$out/test-{name}.rc")")"
+fi
 "#,
             bin = quote_path(&t.path),
+        );
+    }
+    if opts.storm {
+        let _ = write!(
+            s,
+            r#"if [ ! -e "$out/storm.rc" ]; then
+note "fault storm, with eBPF and with --no-ebpf"
+timeout -k 10 {STORM_SECS} {xtask} vmtest-storm --agent {agent} --out "$out/storm.json" > "$out/storm.log" 2>&1
+echo $? > "$out/storm.rc"
+note "storm: $(tail -n 1 "$out/storm.log")"
+fi
+"#,
+            xtask = quote_path(&build.xtask),
         );
     }
     s.push_str("touch \"$out/done\"\nnote done\n");
@@ -172,21 +259,22 @@ pub fn boot(vng_bin: &Path, k: &Kernel, out: &Path, timeout: Duration) -> Result
     let mut cmd = vng_command(vng_bin, k, out);
     cmd.stdin(Stdio::null())
         .stdout(writer.try_clone()?)
-        .stderr(writer)
-        .process_group(0);
+        .stderr(writer);
     let started = Instant::now();
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    // A group of its own (virtme-run, qemu), killed when it is dropped and when xtask is
+    // interrupted (`lab::install_signal_cleanup`): no guest outlives the run.
+    let mut vm = Proc::spawn(&mut cmd)?;
     // The Command keeps copies of the pipe's write end; the console reader sees EOF only once
     // every copy is closed.
     drop(cmd);
-    let pid = child.id();
+    let pid = vm.pid();
     let label = k.release.clone();
     let console = std::thread::spawn(move || stream_console(reader, &mut log, &label));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(child.wait());
+        let _ = tx.send(vm.child.wait());
+        // Whatever vng left running in its group goes with it.
+        drop(vm);
     });
     let (status, timed_out) = match rx.recv_timeout(timeout) {
         Ok(status) => (status?, None),

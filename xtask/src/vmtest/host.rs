@@ -30,37 +30,147 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "`ip netns` and bridges in the tests"),
 ];
 
-/// apt, with `apt-get update` run at most once per xtask run and only when something has to
-/// come from the archive.
-#[derive(Default)]
+/// How long an apt call waits for another apt or dpkg (other engineers' installs, unattended
+/// upgrades) to let go of the lock, instead of failing at once.
+const LOCK_TIMEOUT: &str = "DPkg::Lock::Timeout=600";
+
+/// Where a kernel package comes from: the host's own apt sources, or a Debian suite the host
+/// does not use, kept in a private apt tree under the tools directory that serves
+/// `apt-cache` and `apt-get download` only: the host's sources and package state stay as
+/// they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Archive {
+    Host,
+    /// Debian 11 and its security suite (where newer 5.10 kernels land).
+    Bullseye,
+}
+
+const BULLSEYE_SOURCES: &str = "\
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
+deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
+";
+
+impl Archive {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Host => "the host's apt sources",
+            Self::Bullseye => "Debian bullseye (a private apt tree, for downloads only)",
+        }
+    }
+
+    /// The private tree's directory name and `sources.list` (`None`: the host's own).
+    fn private(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Self::Host => None,
+            Self::Bullseye => Some(("bullseye", BULLSEYE_SOURCES)),
+        }
+    }
+}
+
+/// apt, with `apt-get update` run at most once per archive and xtask run, and only when
+/// something has to come from that archive.
 pub struct Apt {
-    updated: bool,
+    tools: PathBuf,
+    updated: Vec<Archive>,
 }
 
 impl Apt {
-    pub fn updated(&self) -> bool {
-        self.updated
+    pub fn new(tools: &Path) -> Self {
+        Self {
+            tools: tools.to_path_buf(),
+            updated: Vec::new(),
+        }
     }
 
-    pub fn update_once(&mut self) -> Result<()> {
-        if self.updated {
-            return Ok(());
+    fn private_root(&self, dir: &str) -> PathBuf {
+        self.tools.join("apt").join(dir)
+    }
+
+    /// `program` (apt-get, apt-cache) pointed at `archive`: for a private one, its own sources,
+    /// lists, caches and an empty package status, so nothing of the host's apt is read or
+    /// written.
+    pub fn command(&self, archive: Archive, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.args(["-q", "-o", LOCK_TIMEOUT]);
+        if let Some((dir, _)) = archive.private() {
+            let root = self.private_root(dir);
+            let opt = |k: &str, sub: &str| format!("{k}={}", root.join(sub).display());
+            for o in [
+                opt("Dir::Etc::SourceList", "sources.list"),
+                opt("Dir::Etc::SourceParts", "sources.list.d"),
+                opt("Dir::Etc::Preferences", "preferences"),
+                opt("Dir::Etc::PreferencesParts", "preferences.d"),
+                opt("Dir::State::Lists", "lists"),
+                opt("Dir::State::Status", "status"),
+                opt("Dir::Cache", "cache"),
+                // apt's sandbox user cannot write into root's tools directory.
+                "APT::Sandbox::User=root".to_owned(),
+                "Acquire::Languages=none".to_owned(),
+            ] {
+                cmd.args(["-o", &o]);
+            }
         }
-        step("apt-get update");
-        crate::run(Command::new("apt-get").args(["update", "-q"])).context(
-            "apt-get update failed: vmtest needs Debian's package archive (deb.debian.org or \
-             a mirror) for qemu, kmod, busybox-static and the kernels",
-        )?;
-        self.updated = true;
+        cmd
+    }
+
+    /// Lays out a private archive's tree (idempotent).
+    fn prepare(&self, archive: Archive) -> Result<()> {
+        let Some((dir, sources)) = archive.private() else {
+            return Ok(());
+        };
+        let root = self.private_root(dir);
+        for sub in [
+            "sources.list.d",
+            "preferences.d",
+            "lists/partial",
+            "cache/archives/partial",
+        ] {
+            std::fs::create_dir_all(root.join(sub))
+                .with_context(|| format!("creating {}", root.join(sub).display()))?;
+        }
+        std::fs::write(root.join("sources.list"), sources)?;
+        for empty in ["status", "preferences"] {
+            if !root.join(empty).is_file() {
+                std::fs::write(root.join(empty), "")?;
+            }
+        }
         Ok(())
     }
 
+    pub fn updated(&self, archive: Archive) -> bool {
+        self.updated.contains(&archive)
+    }
+
+    pub fn update_once(&mut self, archive: Archive) -> Result<()> {
+        if self.updated(archive) {
+            return Ok(());
+        }
+        self.prepare(archive)?;
+        step(&format!("apt-get update ({})", archive.describe()));
+        crate::run(self.command(archive, "apt-get").arg("update")).with_context(|| {
+            format!(
+                "apt-get update failed for {}: vmtest needs Debian's package archive \
+                 (deb.debian.org or a mirror) for qemu, kmod, busybox-static and the kernels",
+                archive.describe()
+            )
+        })?;
+        self.updated.push(archive);
+        Ok(())
+    }
+
+    /// `apt-cache ARGS` against `archive`; its output. A private archive never updated yet has
+    /// no lists: that reads as "knows nothing", not as an error.
+    pub fn cache(&self, archive: Archive, args: &[&str]) -> Result<String> {
+        self.prepare(archive)?;
+        output(self.command(archive, "apt-cache").args(args))
+    }
+
     pub fn install(&mut self, packages: &[&str]) -> Result<()> {
-        self.update_once()?;
+        self.update_once(Archive::Host)?;
         step(&format!("apt-get install {}", packages.join(" ")));
         crate::run(
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "--no-install-recommends"])
+            self.command(Archive::Host, "apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
                 .args(packages)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )

@@ -10,15 +10,51 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-use super::{host::Apt, output, step};
+use super::{
+    host::{Apt, Archive},
+    step,
+};
 
-/// The kernel series booted: bookworm's own, and the 6.12 that bookworm's archive also carries.
-pub const SERIES: &[&str] = &["6.1", "6.12"];
+/// A kernel series booted, where its packages come from, and which tests must run there.
+#[derive(Debug, PartialEq)]
+pub struct Series {
+    pub name: &'static str,
+    pub archive: Archive,
+    /// `BRIDGE_GUARD_EXPECT` in its guest: the requirements a test may not skip on there
+    /// (`integration_tests::Need`), beyond the ones every guest expects.
+    pub expect: &'static [&'static str],
+}
+
+/// The series booted, oldest first: bullseye's 5.10 (the last before BPF memory moved from
+/// RLIMIT_MEMLOCK to the memory cgroup, and before module BTF), bookworm's own 6.1, and the
+/// 6.12 that bookworm's archive also carries.
+pub const SERIES: &[Series] = &[
+    Series {
+        name: "5.10",
+        archive: Archive::Bullseye,
+        expect: &["fentry-join", "fentry-leave"],
+    },
+    Series {
+        name: "6.1",
+        archive: Archive::Host,
+        expect: &["fentry-join", "fentry-leave"],
+    },
+    Series {
+        name: "6.12",
+        archive: Archive::Host,
+        expect: &["fentry-join", "fentry-leave"],
+    },
+];
+
+/// The series' names, for messages.
+pub fn series_names() -> String {
+    SERIES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+}
 
 /// One kernel package, resolved against the archive.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Kernel {
-    pub series: &'static str,
+    pub series: &'static Series,
     /// e.g. `linux-image-6.1.0-56-amd64`.
     pub package: String,
     /// The Debian version, e.g. `6.1.192-2`.
@@ -37,8 +73,10 @@ fn meta_packages(series: &str) -> [String; 2] {
 }
 
 /// `linux-image-X (= V)` from the Depends line of `meta`'s candidate version.
-fn dependency_of(meta: &str) -> Option<(String, String)> {
-    let text = output(Command::new("apt-cache").args(["show", "--no-all-versions", meta])).ok()?;
+fn dependency_of(apt: &Apt, archive: Archive, meta: &str) -> Option<(String, String)> {
+    let text = apt
+        .cache(archive, &["show", "--no-all-versions", meta])
+        .ok()?;
     let depends = text.lines().find_map(|l| l.strip_prefix("Depends: "))?;
     depends
         .split([',', '|'])
@@ -51,10 +89,10 @@ fn dependency_of(meta: &str) -> Option<(String, String)> {
 }
 
 /// The newest amd64 kernel of `series` in apt's current lists.
-fn lookup(series: &'static str) -> Option<Kernel> {
-    let prefix = format!("linux-image-{series}.");
-    meta_packages(series).iter().find_map(|meta| {
-        let (package, version) = dependency_of(meta)?;
+fn lookup(apt: &Apt, series: &'static Series) -> Option<Kernel> {
+    let prefix = format!("linux-image-{}.", series.name);
+    meta_packages(series.name).iter().find_map(|meta| {
+        let (package, version) = dependency_of(apt, series.archive, meta)?;
         let release = package.strip_prefix("linux-image-")?.to_owned();
         let plain = !release.ends_with("-unsigned") && !release.ends_with("-dbg");
         (package.starts_with(&prefix) && plain).then_some(Kernel {
@@ -67,9 +105,10 @@ fn lookup(series: &'static str) -> Option<Kernel> {
 }
 
 /// What the archive offers for `series`, verbatim, for the error when nothing fits.
-fn archive_listing(series: &str) -> String {
-    let pattern = format!("^linux-image-{}", series.replace('.', "\\."));
-    let listing = output(Command::new("apt-cache").args(["search", "--names-only", &pattern]))
+fn archive_listing(apt: &Apt, series: &Series) -> String {
+    let pattern = format!("^linux-image-{}", series.name.replace('.', "\\."));
+    let listing = apt
+        .cache(series.archive, &["search", "--names-only", &pattern])
         .unwrap_or_else(|e| format!("(apt-cache search failed: {e:#})"));
     if listing.trim().is_empty() {
         format!("`apt-cache search --names-only '{pattern}'` finds nothing")
@@ -79,21 +118,23 @@ fn archive_listing(series: &str) -> String {
 }
 
 /// Resolves `series`, refreshing apt's lists once when they do not know it (fresh machine).
-pub fn resolve(apt: &mut Apt, series: &'static str) -> Result<Kernel> {
-    if let Some(k) = lookup(series) {
+pub fn resolve(apt: &mut Apt, series: &'static Series) -> Result<Kernel> {
+    if let Some(k) = lookup(apt, series) {
         return Ok(k);
     }
-    if !apt.updated() {
-        apt.update_once()?;
-        if let Some(k) = lookup(series) {
+    if !apt.updated(series.archive) {
+        apt.update_once(series.archive)?;
+        if let Some(k) = lookup(apt, series) {
             return Ok(k);
         }
     }
+    let name = series.name;
     bail!(
-        "no Debian kernel package for the {series} series: none of {} depends on a \
-         linux-image-{series}.* package. {}",
-        meta_packages(series).join(", "),
-        archive_listing(series)
+        "no Debian kernel package for the {name} series in {}: none of {} depends on a \
+         linux-image-{name}.* package. {}",
+        series.archive.describe(),
+        meta_packages(name).join(", "),
+        archive_listing(apt, series)
     )
 }
 
@@ -103,7 +144,7 @@ pub fn selected(filter: Option<&str>, series: &str, release: Option<&str>) -> bo
     let Some(f) = filter else {
         return true;
     };
-    if SERIES.contains(&f) {
+    if SERIES.iter().any(|s| s.name == f) {
         return f == series;
     }
     series.contains(f) || release.is_some_and(|r| r.contains(f))
@@ -138,23 +179,23 @@ fn locate(root: &Path, release: &str) -> Result<Installed> {
 /// The cached kernel, downloading and unpacking it first when it is not there yet.
 pub fn fetch(tools: &Path, apt: &mut Apt, k: &mut Kernel) -> Result<Installed> {
     let mut dir = cache_dir(tools, k);
-    if !dir.join(".complete").is_file() && !apt.updated() {
+    if !dir.join(".complete").is_file() && !apt.updated(k.series.archive) {
         // Stale lists may name a package the archive no longer has: refresh, then look again.
-        apt.update_once()?;
+        apt.update_once(k.series.archive)?;
         *k = resolve(apt, k.series)?;
         dir = cache_dir(tools, k);
     }
     if dir.join(".complete").is_file() {
         step(&format!("{} {} is cached", k.package, k.version));
     } else {
-        download(k, &dir)?;
+        download(apt, k, &dir)?;
     }
     locate(&dir.join("root"), &k.release)
 }
 
 /// `apt-get download` + `dpkg -x` into `<dir>.partial`, renamed to `dir` only when complete,
 /// so an interrupted run leaves nothing that looks cached.
-fn download(k: &Kernel, dir: &Path) -> Result<()> {
+fn download(apt: &Apt, k: &Kernel, dir: &Path) -> Result<()> {
     let mut name = dir.file_name().unwrap_or_default().to_owned();
     name.push(".partial");
     let partial = dir.with_file_name(name);
@@ -164,8 +205,8 @@ fn download(k: &Kernel, dir: &Path) -> Result<()> {
     step(&format!("downloading {} {}", k.package, k.version));
     // apt's sandbox user cannot write into root's tools directory; it is our own download.
     crate::run(
-        Command::new("apt-get")
-            .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
+        apt.command(k.series.archive, "apt-get")
+            .args(["download", "-o", "APT::Sandbox::User=root"])
             .arg(format!("{}={}", k.package, k.version))
             .current_dir(&debs),
     )

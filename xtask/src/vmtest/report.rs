@@ -1,16 +1,20 @@
 //! What each VM left in its directory, read back on the host: whether it booted, the doctor's
-//! report and chosen hook tiers, and every test's verdict (parsed from libtest's text output),
-//! printed per kernel and as a final table across kernels.
+//! report and chosen hook tiers, every test's verdict (parsed from libtest's text output), the
+//! skips by requirement and the fault storm's results, printed per kernel and as final tables
+//! across kernels.
 
 use std::{
     path::{Path, PathBuf},
     time::Duration,
 };
 
+use serde_json::Value;
+
 use super::{
-    guest::{Boot, TestBin},
-    json::Value,
+    guest::{self, Boot, TestBin},
     kernel::Kernel,
+    skips::{self, Skip},
+    storm::{self, StormReport},
 };
 
 /// Lines of console or test output quoted when something went wrong.
@@ -53,13 +57,28 @@ pub struct KernelReport {
     /// `(hook, tier)` from `doctor --json`, or why they are unknown.
     pub hooks: Result<Vec<(String, String)>, String>,
     pub tests: Vec<TestResult>,
-    /// `SKIP name: reason` lines the tests printed (visible with --show-output).
-    pub skips: Vec<String>,
+    /// The skips the tests printed (visible with --show-output).
+    pub skips: Vec<Skip>,
+    /// `BRIDGE_GUARD_EXPECT` in this guest.
+    pub expect: String,
+    /// The fault storm's results (`None`: not run), or why they are missing.
+    pub storm: Option<Result<StormReport, String>>,
+    /// Guest kernel panics the run was resumed after (console excerpts).
+    pub panics: Vec<String>,
 }
 
 impl KernelReport {
     pub fn failures(&self) -> usize {
-        self.problems.len() + self.failed().count()
+        self.problems.len() + self.failed().count() + self.storm_problems().len()
+    }
+
+    /// Why the storm failed: it gave no results, or its claims do not hold.
+    pub fn storm_problems(&self) -> Vec<String> {
+        match &self.storm {
+            None => Vec::new(),
+            Some(Err(e)) => vec![e.clone()],
+            Some(Ok(r)) => r.problems(),
+        }
     }
 
     fn failed(&self) -> impl Iterator<Item = &TestResult> {
@@ -98,16 +117,17 @@ fn exit_code(out: &Path, step: &str) -> Option<String> {
 
 /// The `(hook, tier)` pairs of `doctor --json`'s `.ebpf.hooks[]`.
 fn hook_tiers(json: &str) -> Result<Vec<(String, String)>, String> {
-    let v = Value::parse(json).map_err(|e| format!("doctor --json is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_str(json).map_err(|e| format!("doctor --json is not JSON: {e}"))?;
     let ebpf = v.get("ebpf").ok_or("no .ebpf in doctor --json")?;
-    if ebpf.get("loaded") == Some(&Value::Bool(false)) {
-        let why = ebpf.get("error").and_then(Value::as_str).unwrap_or("?");
+    if ebpf["loaded"] == false {
+        let why = ebpf["error"].as_str().unwrap_or("?");
         return Err(format!("eBPF not loaded: {why}"));
     }
-    let field = |h: &Value, k: &str| h.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
-    Ok(ebpf
-        .get("hooks")
-        .map(Value::items)
+    let field = |h: &Value, k: &str| h[k].as_str().unwrap_or("?").to_owned();
+    Ok(ebpf["hooks"]
+        .as_array()
+        .map(Vec::as_slice)
         .unwrap_or_default()
         .iter()
         .map(|h| (field(h, "hook"), field(h, "tier")))
@@ -207,8 +227,28 @@ fn problems(out: &Path, boot: &Boot) -> Vec<String> {
     p
 }
 
+/// The storm's report, `None` when the guest did not run it, or why it gave none or failed.
+fn storm_result(out: &Path) -> Option<Result<StormReport, String>> {
+    let rc = exit_code(out, "storm")?;
+    let log = || tail(&read(out, "storm.log").unwrap_or_default());
+    Some(match storm::read(out) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(format!(
+            "the fault storm wrote no results (exit {rc}); its log:\n{}",
+            log()
+        )),
+        Err(e) => Err(format!("{e:#}")),
+    })
+}
+
 /// Reads back what the guest left in `out`.
-pub fn collect(kernel: Kernel, out: &Path, bins: &[TestBin], boot: &Boot) -> KernelReport {
+pub fn collect(
+    kernel: Kernel,
+    out: &Path,
+    bins: &[TestBin],
+    boot: &Boot,
+    panics: Vec<String>,
+) -> KernelReport {
     let booted = read(out, "booted").is_some();
     let mut doctor = read(out, "doctor.log").unwrap_or_else(|| "(doctor did not run)".into());
     if let Some(rc) = exit_code(out, "doctor").filter(|rc| rc != "0") {
@@ -218,22 +258,24 @@ pub fn collect(kernel: Kernel, out: &Path, bins: &[TestBin], boot: &Boot) -> Ker
         .ok_or_else(|| "doctor --json did not run".to_owned())
         .and_then(|j| hook_tiers(&j));
     let tests = if booted {
-        bins.iter().flat_map(|b| binary_results(out, b)).collect()
+        bins.iter()
+            .filter(|b| guest::runs_in_guest(b))
+            .flat_map(|b| binary_results(out, b))
+            .collect()
     } else {
         Vec::new()
     };
-    let skips = bins
+    let logs: String = bins
         .iter()
         .filter_map(|b| read(out, &format!("test-{}.log", b.name)))
-        .flat_map(|log| {
-            log.lines()
-                .filter(|l| l.starts_with("SKIP "))
-                .map(str::to_owned)
-                .collect::<Vec<_>>()
-        })
-        .collect();
+        .collect::<Vec<_>>()
+        .join("\n");
+    let storm = booted.then(|| storm_result(out)).flatten();
     KernelReport {
-        skips,
+        skips: skips::collect(&logs),
+        expect: guest::expectations(&kernel),
+        storm,
+        panics,
         problems: problems(out, boot),
         kernel,
         out: out.to_path_buf(),
@@ -259,6 +301,12 @@ pub fn print_kernel(r: &KernelReport) {
     for p in &r.problems {
         println!("PROBLEM: {p}");
     }
+    for p in &r.panics {
+        println!(
+            "WARNING: the guest kernel panicked; the run was resumed in a new boot after the \
+             steps it had finished. Console:\n```\n{p}\n```"
+        );
+    }
     if !r.booted {
         return;
     }
@@ -271,8 +319,15 @@ pub fn print_kernel(r: &KernelReport) {
     for t in &r.tests {
         println!("| {} | {} |", t.name, t.status.as_str());
     }
-    for skip in &r.skips {
-        println!("{skip}");
+    print!("\n{}", skips::tally(&k.release, &r.expect, &r.skips));
+    if let Some(Ok(storm)) = &r.storm {
+        println!(
+            "\nfault storm, eBPF against --no-ebpf:\n{}",
+            storm::table(std::slice::from_ref(storm))
+        );
+    }
+    for p in r.storm_problems() {
+        println!("STORM PROBLEM: {p}");
     }
     for t in r.failed() {
         println!(
@@ -288,11 +343,13 @@ pub fn print_summary(reports: &[KernelReport], total: Duration) {
         "\n## vmtest summary ({:.1} s in all)\n",
         total.as_secs_f64()
     );
-    println!("| kernel | booted | time | hook tiers | passed | failed | ignored | problems |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| kernel | booted | time | hook tiers | passed | failed | ignored | skipped (by requirement) | problems | guest panics resumed |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in reports {
         println!(
-            "| {} | {} | {:.1} s | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.1} s | {} | {} | {} | {} | {} ({}) | {} | {} |",
             r.kernel.release,
             if r.booted { "yes" } else { "NO" },
             r.elapsed.as_secs_f64(),
@@ -300,7 +357,21 @@ pub fn print_summary(reports: &[KernelReport], total: Duration) {
             r.count(Status::Ok),
             r.count(Status::Failed),
             r.count(Status::Ignored),
-            r.problems.len(),
+            r.skips.len(),
+            skips::by_need(&r.skips),
+            r.problems.len() + r.storm_problems().len(),
+            r.panics.len(),
+        );
+    }
+    println!("\nNot run in the guests (the host runs them):");
+    for (bin, why) in guest::HOST_ONLY {
+        println!("- {bin}: {why}");
+    }
+    let storms = storms(reports);
+    if !storms.is_empty() {
+        println!(
+            "\n### fault storm: eBPF against netlink alone\n\n{}",
+            storm::table(&storms)
         );
     }
     let mut names: Vec<&str> = reports
@@ -324,6 +395,14 @@ pub fn print_summary(reports: &[KernelReport], total: Duration) {
             .collect();
         println!("| {name} | {} |", cells.join(" | "));
     }
+}
+
+/// The storm reports the kernels produced.
+pub fn storms(reports: &[KernelReport]) -> Vec<StormReport> {
+    reports
+        .iter()
+        .filter_map(|r| r.storm.as_ref()?.as_ref().ok().cloned())
+        .collect()
 }
 
 #[cfg(test)]

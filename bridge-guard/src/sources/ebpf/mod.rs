@@ -86,9 +86,11 @@ impl KernelFacts {
 
     /// Everything but aya's BTF (see [`KernelFacts::parse_btf`]).
     pub fn gather_facts(opts: &Options) -> Self {
-        let memlock = caps::raise_memlock();
-        if let caps::Memlock::Kept { .. } = &memlock {
+        let memlock = caps::ensure_memlock();
+        if memlock.is_problem() {
             tracing::warn!("RLIMIT_MEMLOCK {memlock}");
+        } else {
+            tracing::info!("RLIMIT_MEMLOCK {memlock}");
         }
         let (offsets, offsets_error) = match offsets::resolve(&opts.btf_dir) {
             Ok(resolved) => {

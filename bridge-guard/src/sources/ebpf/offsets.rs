@@ -194,10 +194,14 @@ mod tests {
 
     const BTF_DIR: &str = "/sys/kernel/btf";
 
-    fn vmlinux() -> Option<RawBtf> {
+    /// The kernel's BTF, or `None` after the skip line for `test`.
+    fn vmlinux(test: &str) -> Option<RawBtf> {
         let path = Path::new(BTF_DIR).join("vmlinux");
         if !path.exists() {
-            eprintln!("SKIP: no {} on this kernel", path.display());
+            eprintln!(
+                "SKIP {test}: no {} on this kernel [needs btf]",
+                path.display()
+            );
             return None;
         }
         Some(RawBtf::read(&path, None).expect("vmlinux BTF parses"))
@@ -209,7 +213,7 @@ mod tests {
 
     #[test]
     fn resolves_every_field_on_this_kernel() {
-        if vmlinux().is_none() {
+        if vmlinux("resolves_every_field_on_this_kernel").is_none() {
             return;
         }
         let resolved = resolve(Path::new(BTF_DIR)).expect("resolves");
@@ -229,7 +233,9 @@ mod tests {
 
     #[test]
     fn anonymous_members_and_paths_resolve() {
-        let Some(btf) = vmlinux() else { return };
+        let Some(btf) = vmlinux("anonymous_members_and_paths_resolve") else {
+            return;
+        };
         // priv_flags sits inside an anonymous union/struct on current kernels; ns.inum and
         // nd_net.net are two-step paths.
         assert!(member_offset(&btf, "net_device", "priv_flags").is_some());
@@ -244,7 +250,9 @@ mod tests {
 
     #[test]
     fn missing_members_and_structs_are_none() {
-        let Some(btf) = vmlinux() else { return };
+        let Some(btf) = vmlinux("missing_members_and_structs_are_none") else {
+            return;
+        };
         assert_eq!(
             member_offset(&btf, "net_bridge_port", "no_such_field"),
             None

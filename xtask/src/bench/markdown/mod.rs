@@ -4,7 +4,7 @@
 
 mod churn;
 mod paced;
-mod vmtest;
+pub(crate) mod vmtest;
 
 use std::fmt::Write as _;
 
