@@ -113,6 +113,21 @@ fn expect_no_log(agent: &mut Agent, window: Duration, pred: impl Fn(&str) -> boo
     }
 }
 
+/// Closes the guest's loop (its vnet3 bridged to vnet0), sends a broadcast into it and waits
+/// until the agent says it takes a port out and one of the two is out of forwarding, so that
+/// the loop cannot forward any more. Returns the agent's log line.
+fn close_and_wait_cut(lab: &VmLab, guest: &GuestLoop<'_>, agent: &mut Agent) -> Result<String> {
+    guest.close()?;
+    broadcast_from(lab, 1)?;
+    let line = agent.wait_log("the loop detected", HEAL, |l| l.contains("loop: taking"))?;
+    lab.wait_until("a loop port out of forwarding", HEAL, |lab| {
+        let states = (port_state(lab, "vnet0")?, port_state(lab, "vnet3")?);
+        Ok((states.0 == "forwarding" && states.1 == "forwarding")
+            .then(|| format!("vnet0 and vnet3 are {states:?}")))
+    })?;
+    Ok(line)
+}
+
 #[test]
 fn a_guest_loop_on_an_stp_bridge_keeps_stp_on_past_max_age() -> Result<()> {
     if skip_unless_root("a_guest_loop_on_an_stp_bridge_keeps_stp_on_past_max_age") {
@@ -185,15 +200,7 @@ fn a_late_loop_is_cut_after_a_bounded_number_of_packets() -> Result<()> {
     let flap_hook = agent.tier("fdb-flap").is_some_and(|t| t != "none");
 
     let before = rx_packets(&lab, &["vnet0", "vnet3"])?;
-    guest.close()?;
-    broadcast_from(&lab, 1)?;
-    let line = agent.wait_log("the loop detected", HEAL, |l| l.contains("loop: taking"))?;
-    // One of the two loop ports is out; the loop cannot forward any more.
-    lab.wait_until("a loop port out of forwarding", HEAL, |lab| {
-        let states = (port_state(lab, "vnet0")?, port_state(lab, "vnet3")?);
-        Ok((states.0 == "forwarding" && states.1 == "forwarding")
-            .then(|| format!("vnet0 and vnet3 are {states:?}")))
-    })?;
+    let line = close_and_wait_cut(&lab, &guest, &mut agent)?;
     let cut = rx_packets(&lab, &["vnet0", "vnet3"])?;
     // The other guests talk meanwhile, and the loop stays cut while they do.
     lab.guests_talk(1, 2, TALK)?;
@@ -238,6 +245,50 @@ fn a_late_loop_is_cut_after_a_bounded_number_of_packets() -> Result<()> {
     agent.wait_status("no hold left", HEAL, |s| {
         s["bridges"][0]["loops"] == serde_json::json!([])
     })?;
+    lab.guests_talk(1, 2, TALK)?;
+    Ok(())
+}
+
+#[test]
+fn a_reload_that_turns_loop_protect_on_cuts_a_loop() -> Result<()> {
+    if skip_unless_root("a_reload_that_turns_loop_protect_on_cuts_a_loop") {
+        return Ok(());
+    }
+    let lab = VmLab::new(PREFIX, "rloop", 3)?;
+    let guest = GuestLoop::new(&lab, 0, "vnet3")?;
+    // In the agent's state directory, which its helper removes with it.
+    let dir = std::env::temp_dir().join(format!("{}-state", lab.host.name));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("bridge-guard.toml");
+    let write = |protect: bool| {
+        std::fs::write(
+            &config,
+            format!("[bridges.br0]\nports = [\"vnet*\"]\nloop_protect = {protect}\n"),
+        )
+    };
+    write(false)?;
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut agent = Agent::run(&lab.host, &["--config", &config_arg])?;
+    lab.wait_healthy(HEAL)?;
+    wait_forwarding(&lab, &["vnet3"], HEAL)?;
+    assert!(
+        agent.log_text().contains("loop protection: off"),
+        "{}",
+        agent.log_text()
+    );
+    // The reload opens the detectors the newly protected bridge needs.
+    write(true)?;
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &agent.pid().to_string()])
+        .status()?;
+    assert!(hup.success(), "kill -HUP: {hup}");
+    agent.wait_log("the reload applied", HEAL, |l| {
+        l.contains("reload: configuration from")
+    })?;
+    agent.wait_log("loop protection on br0", HEAL, |l| {
+        l.contains("loop protection on br0")
+    })?;
+    close_and_wait_cut(&lab, &guest, &mut agent)?;
     lab.guests_talk(1, 2, TALK)?;
     Ok(())
 }
