@@ -62,9 +62,7 @@ fn container_root(test: &str) -> Option<PathBuf> {
         skip(
             test,
             root_need,
-            format_args!(
-                "no {ROOT_ENV}; `cargo xtask test` builds the container root and sets it"
-            ),
+            format_args!("no {ROOT_ENV}; `cargo xtask test` builds the container root and sets it"),
         );
         return None;
     };
