@@ -9,6 +9,7 @@ mod dist;
 mod lab;
 mod setup;
 mod systemd_test;
+mod test;
 mod vmtest;
 
 use std::{
@@ -159,7 +160,7 @@ fn workspace_root() -> PathBuf {
         .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     cmd.current_dir(workspace_root());
     // The agent's build script must not quietly drop the eBPF programs under xtask.
@@ -179,7 +180,7 @@ pub(crate) fn run(cmd: &mut Command) -> Result<()> {
 
 /// Runs the host's `cargo test`, echoing its output, then prints the host's skips by
 /// requirement (tests print them with `--show-output`).
-fn run_tallying_skips(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run_tallying_skips(cmd: &mut Command) -> Result<()> {
     use std::io::{BufRead as _, BufReader};
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -208,12 +209,12 @@ fn run_tallying_skips(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no failure mode.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn build(release: bool) -> Result<PathBuf> {
+pub(crate) fn build(release: bool) -> Result<PathBuf> {
     setup::ensure()?;
     let mut cmd = cargo();
     cmd.args(["build", "-p", "bridge-guard"]);
@@ -245,64 +246,7 @@ fn main() -> Result<()> {
             };
             run(cmd.args(&args))
         }
-        Task::Test { filter, no_vm } => {
-            if !is_root() {
-                bail!(
-                    "the test suite needs root: it creates network namespaces and loads eBPF \
-                     programs. Run `sudo -E cargo xtask test`"
-                );
-            }
-            setup::ensure_test_tools()?;
-            let bin = build(false)?;
-            // The systemd tests boot a container from a cached Debian root.
-            let container_root = systemd_test::ensure_root()?;
-            let mut cmd = cargo();
-            cmd.args(["test", "--workspace", "--no-fail-fast"])
-                .env("BRIDGE_GUARD_BIN", &bin)
-                .env(systemd_test::ROOT_ENV, &container_root)
-                .env("BRIDGE_GUARD_ENV", "host")
-                .env("BRIDGE_GUARD_EXPECT", vmtest::skips::HOST_EXPECT);
-            if let Some(f) = &filter {
-                cmd.arg(f);
-            }
-            // Output of passing tests too: a test that skips says why, and that must show.
-            cmd.args(["--", "--show-output"]);
-            // Both layers run even if the first fails: one report of everything that broke.
-            let host = run_tallying_skips(&mut cmd);
-            // The offline release build, as CI's proof that a sandboxed build works; not for a
-            // filtered run, which asked for some tests only.
-            let dist = if filter.is_none() {
-                dist::run()
-            } else {
-                eprintln!("xtask: a filter was given: skipping `cargo xtask dist`");
-                Ok(())
-            };
-            let host = match (host, dist) {
-                (Ok(()), Ok(())) => Ok(()),
-                (Err(h), Ok(())) => Err(h),
-                (Ok(()), Err(d)) => Err(d.context("cargo xtask dist failed")),
-                (Err(h), Err(d)) => Err(h.context(format!("and cargo xtask dist failed: {d:#}"))),
-            };
-            let vm = if no_vm {
-                eprintln!("xtask: --no-vm: skipping the VM matrix");
-                Ok(())
-            } else {
-                vmtest::run(&vmtest::Options {
-                    kernel: None,
-                    docs: filter.is_none(),
-                    filter,
-                    keep_going: true,
-                    timeout: std::time::Duration::from_secs(1800),
-                    storm: true,
-                })
-            };
-            match (host, vm) {
-                (Ok(()), Ok(())) => Ok(()),
-                (Err(h), Ok(())) => Err(h.context("host tests failed")),
-                (Ok(()), Err(v)) => Err(v.context("VM matrix failed")),
-                (Err(h), Err(v)) => bail!("host tests failed: {h:#}\nVM matrix failed: {v:#}"),
-            }
-        }
+        Task::Test { filter, no_vm } => test::run(filter, no_vm),
         Task::Dist => dist::run(),
         Task::Bench(args) => bench::run(&args),
         Task::Demo { release } => demo::run(release),
