@@ -268,7 +268,14 @@ impl Model {
                 .collect(),
         );
 
-        self.stamps.retain(|i, _| self.links.contains_key(i));
+        // A stamp netlink never confirmed (its notification among those a loss dropped) is
+        // superseded by the dump once older than it, or stale once older than the window.
+        let dumped_at = self.dumped_at;
+        self.stamps.retain(|i, s| {
+            self.links.contains_key(i)
+                && s.at >= dumped_at
+                && now.saturating_sub(s.at) < STAMP_WINDOW_NS
+        });
         // A member whose device is gone can never be re-attached: a device made later under
         // its name is another device. (Its deletion may have been among lost notifications.)
         // So is one whose name is on another device now: deleted and re-created meanwhile
@@ -996,6 +1003,19 @@ pub(crate) mod tests {
         // Stamped after the dump was asked for: news.
         let t = m.apply_kernel(&kernel_state(9, PortState::Blocking, 1_050));
         assert_eq!(t[0].to, PortState::Blocking);
+    }
+
+    #[test]
+    fn a_stamp_netlink_never_confirmed_goes_with_the_next_dump() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.trust_kernel_port_states(true);
+        m.reset(lab(), 0);
+        let baseline = m.sizes();
+        // eBPF saw a change whose notification was lost; the dump after the loss shows it.
+        m.apply_kernel(&kernel_state(9, PortState::Blocking, 2_000));
+        assert_ne!(m.sizes(), baseline, "the stamp waits for netlink");
+        m.reset_from_dump(lab(), 3_000, 3_100);
+        assert_eq!(m.sizes(), baseline);
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub const HOST_ONLY: &[(&str, &str)] = &[
         "the status command reading the agent's state file: user space",
     ),
     (
+        "doctor_path",
+        "doctor --path reads routes, firewall rules and sysctls through user-space tools (ip, \
+         nft, iptables, dnsmasq): the same logic on every kernel, and 90-190 s per guest under \
+         emulation",
+    ),
+    (
         "churn",
         "the agent's own bounds under floods and 10,000 taps (rates, queues, memory): the \
          guests' fault storm covers back-to-back faults on each kernel, and emulation is too \
