@@ -81,6 +81,14 @@ pub struct Model {
     /// buffer before the notification that enslaved it, or made it known at all, when the
     /// model cannot track it yet.
     stamps: BTreeMap<u32, Stamp>,
+    /// Whether eBPF reports every join and leave (fentry/kprobe on the upper-device link and
+    /// unlink). Then a notification that contradicts a recent join or leave is older news.
+    kernel_membership: bool,
+    /// The master eBPF last saw a port join (or none, for a leave) with the kernel's time,
+    /// until netlink shows the same: a notification queued before an unlink (the port's own
+    /// changes on its way out) is read after the hook's event, and must not enslave the port
+    /// again in the model, nor delay its repair until the unlink's own notification.
+    memberships: BTreeMap<u32, (Option<u32>, Ktime)>,
     /// Ports whose tracking ended (deleted, or moved away) since [`Model::take_forgotten`].
     forgotten: Vec<String>,
     /// When the dump behind the last [`Model::reset`] was asked for: a kernel event stamped
@@ -169,6 +177,7 @@ impl Model {
             }
         }
         self.stamps.remove(&ifindex);
+        self.memberships.remove(&ifindex);
         self.building.remove(&ifindex);
     }
 
@@ -276,6 +285,7 @@ impl Model {
                 && s.at >= dumped_at
                 && now.saturating_sub(s.at) < STAMP_WINDOW_NS
         });
+        self.memberships.clear();
         // A member whose device is gone can never be re-attached: a device made later under
         // its name is another device. (Its deletion may have been among lost notifications.)
         // So is one whose name is on another device now: deleted and re-created meanwhile
@@ -301,12 +311,13 @@ impl Model {
 
     /// Sizes of what the model keeps, for memory checks: links, tracked ports, remembered
     /// members, pending eBPF stamps.
-    pub fn sizes(&self) -> [(&'static str, usize); 4] {
+    pub fn sizes(&self) -> [(&'static str, usize); 5] {
         [
             ("links", self.links.len()),
             ("tracks", self.tracks.len()),
             ("members", self.members.values().map(BTreeSet::len).sum()),
             ("stamps", self.stamps.len()),
+            ("memberships", self.memberships.len()),
         ]
     }
 
@@ -329,6 +340,12 @@ impl Model {
                         None => self.stamps.get(&snap.ifindex).map(|s| s.state),
                     };
                     snap.port_state = snap.master.and(kernel.or(snap.port_state));
+                }
+                if let Some(master) = self.kernel_master(snap.ifindex, snap.master, now) {
+                    snap.master = master;
+                    if master.is_none() {
+                        snap.port_state = None;
+                    }
                 }
                 self.note_building(&snap, now);
                 self.insert_link(snap);
@@ -363,7 +380,11 @@ impl Model {
                 if !self.kernel_port_states {
                     l.port_state = Some(state);
                 }
-                if master.is_some() {
+                let kernel = self
+                    .memberships
+                    .get(&ifindex)
+                    .filter(|(m, at)| *m != master && now.saturating_sub(*at) < STAMP_WINDOW_NS);
+                if master.is_some() && kernel.is_none() {
                     l.master = master;
                 }
                 port = Some(l.name.clone());
@@ -398,11 +419,19 @@ impl Model {
                 }
             }
             Change::Join => {
+                if self.kernel_membership {
+                    self.memberships
+                        .insert(ev.port_ifindex, (Some(ev.bridge_ifindex), ev.ktime_ns));
+                }
                 if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
                     l.master = Some(ev.bridge_ifindex);
                 }
             }
             Change::Leave => {
+                if self.kernel_membership {
+                    self.memberships
+                        .insert(ev.port_ifindex, (None, ev.ktime_ns));
+                }
                 if let Some(l) = self.links.get_mut(&ev.port_ifindex) {
                     if l.master == Some(ev.bridge_ifindex) {
                         l.master = None;
@@ -435,6 +464,31 @@ impl Model {
             },
         };
         self.refresh(scope, ev.ktime_ns, Clock::Kernel, Some(&ev.actor))
+    }
+
+    /// Says whether eBPF reports every join and leave (see `kernel_membership`).
+    pub fn trust_kernel_membership(&mut self, complete: bool) {
+        self.kernel_membership = complete;
+        if !complete {
+            self.memberships.clear();
+        }
+    }
+
+    /// The master eBPF saw for `ifindex` when a notification showing `shown` contradicts it
+    /// within the window: the notification is older. `None` when netlink agrees (the stamp is
+    /// used up) or the stamp is too old to judge by.
+    fn kernel_master(
+        &mut self,
+        ifindex: u32,
+        shown: Option<u32>,
+        now: Ktime,
+    ) -> Option<Option<u32>> {
+        let &(master, at) = self.memberships.get(&ifindex)?;
+        if master != shown && now.saturating_sub(at) < STAMP_WINDOW_NS {
+            return Some(master);
+        }
+        self.memberships.remove(&ifindex);
+        None
     }
 
     /// Says whether eBPF reports every port-state change (see `kernel_port_states`).
@@ -1003,6 +1057,34 @@ pub(crate) mod tests {
         // Stamped after the dump was asked for: news.
         let t = m.apply_kernel(&kernel_state(9, PortState::Blocking, 1_050));
         assert_eq!(t[0].to, PortState::Blocking);
+    }
+
+    #[test]
+    fn a_notification_queued_before_an_unlink_does_not_undo_the_kernels_leave() {
+        let mut m = Model::new(["br0".to_owned()]);
+        m.trust_kernel_membership(true);
+        m.reset(lab(), 0);
+        let baseline = m.sizes();
+        let mut leave = kernel_state(9, PortState::Disabled, 1_000);
+        leave.change = Change::Leave;
+        let t = m.apply_kernel(&leave);
+        assert_eq!(t[0].to, PortState::Detached, "{t:?}");
+        // The port's own change on its way out, sent before the unlink, read after the event.
+        let stale = link(9, "vnet0", LinkKind::Veth, Some(7));
+        assert!(m.apply_netlink(NetlinkEvent::Link(stale), 1_500).is_empty());
+        assert_eq!(m.track("vnet0").map(|t| t.state), Some(PortState::Detached));
+        // The unlink's own notification agrees, and uses the stamp up.
+        let gone = link(9, "vnet0", LinkKind::Veth, None);
+        assert!(m.apply_netlink(NetlinkEvent::Link(gone), 2_000).is_empty());
+        assert_eq!(m.sizes(), baseline);
+        // Without complete hooks, netlink's picture is the truth as it comes.
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(lab(), 0);
+        m.apply_kernel(&leave);
+        let stale = link(9, "vnet0", LinkKind::Veth, Some(7));
+        let t = m.apply_netlink(NetlinkEvent::Link(stale), 1_500);
+        assert_ne!(t.first().map(|t| t.to), Some(PortState::Detached));
+        assert_ne!(m.track("vnet0").map(|t| t.state), Some(PortState::Detached));
     }
 
     #[test]

@@ -150,6 +150,16 @@ fn complete_port_states(probes: &Probes) -> bool {
     )
 }
 
+/// Whether eBPF reports every join and leave: both hooks on fentry or kprobe.
+fn complete_membership(probes: &Probes) -> bool {
+    ["join", "leave"].iter().all(|hook| {
+        matches!(
+            probes.tier(hook),
+            ebpf::hooks::Tier::Fentry | ebpf::hooks::Tier::Kprobe
+        )
+    })
+}
+
 fn actor_text(a: Option<&Actor>) -> String {
     a.map_or_else(|| "unknown".to_owned(), ToString::to_string)
 }
@@ -192,6 +202,7 @@ impl Agent {
         );
         let mut model = Model::new(cfg.guards.iter().map(|g| g.bridge.clone()));
         model.trust_kernel_port_states(probes.as_ref().is_some_and(complete_port_states));
+        model.trust_kernel_membership(probes.as_ref().is_some_and(complete_membership));
         // A restarted agent must not forget a tap detached while it was down: the previous
         // run's published ports are members until the kernel says otherwise.
         if let Ok(previous) = Status::read(&cfg.state_dir) {
@@ -653,6 +664,8 @@ impl Agent {
                 let summary = probes.summary();
                 let complete = complete_port_states(probes);
                 self.model.trust_kernel_port_states(complete);
+                self.model
+                    .trust_kernel_membership(complete_membership(probes));
                 self.acc().hooks = hooks;
                 self.dirty = true;
                 if changed.is_empty() {
