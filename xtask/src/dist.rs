@@ -275,7 +275,8 @@ fn archive(dist: &Path, name: &str) -> Result<PathBuf> {
     Ok(tarball)
 }
 
-pub fn run() -> Result<()> {
+/// Builds the tarball; returns the release binary it holds.
+pub fn run() -> Result<PathBuf> {
     crate::setup::ensure()?;
     let toolchain = crate::setup::ebpf_toolchain()?;
     let dist = crate::target_dir().join("dist");
@@ -299,5 +300,5 @@ pub fn run() -> Result<()> {
         tarball.display(),
         size as f64 / f64::from(1 << 20)
     ));
-    Ok(())
+    Ok(bin)
 }

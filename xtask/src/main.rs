@@ -247,7 +247,7 @@ fn main() -> Result<()> {
             run(cmd.args(&args))
         }
         Task::Test { filter, no_vm } => test::run(filter, no_vm),
-        Task::Dist => dist::run(),
+        Task::Dist => dist::run().map(drop),
         Task::Bench(args) => bench::run(&args),
         Task::Demo { release } => demo::run(release),
         Task::Vmtest {
@@ -265,6 +265,7 @@ fn main() -> Result<()> {
             keep_going: !fail_fast,
             timeout: std::time::Duration::from_secs(timeout),
             storm: !no_storm,
+            agent: None,
         }),
         Task::VmtestStorm(args) => vmtest::storm::run(&args),
     }

@@ -63,6 +63,9 @@ pub struct Options {
     pub storm: bool,
     /// Write the storm's results into docs/benchmarks.md when every kernel gave them.
     pub docs: bool,
+    /// A release agent already built (`cargo xtask test` passes the one `dist` built
+    /// offline: the guests then run the shipped binary, and CI builds it once).
+    pub agent: Option<PathBuf>,
 }
 
 fn step(what: &str) {
@@ -79,7 +82,7 @@ pub fn run(opts: &Options) -> Result<()> {
     host::ensure_packages(&mut apt)?;
     let vng = host::ensure_virtme_ng(&tools, &mut apt)?;
     let kernels = prepare_kernels(&tools, &mut apt, opts.kernel.as_deref())?;
-    let build = build_all()?;
+    let build = build_all(opts.agent.as_deref())?;
     step(&format!(
         "ready after {:.1} s; {} kernel(s), {PARALLEL} at a time",
         started.elapsed().as_secs_f64(),
@@ -147,9 +150,20 @@ fn prepare_kernels(tools: &Path, apt: &mut host::Apt, filter: Option<&str>) -> R
 /// The optimised agent: under TCG an unoptimised one spends most of every start-up parsing
 /// the kernel's BTF (tens of seconds per agent, and every test starts one), and the storm's
 /// times would measure the debug build's decoding rather than the path from fault to repair.
-fn build_all() -> Result<Build> {
-    step("building the agent (release) and the test binaries");
-    let agent = crate::build(true)?;
+fn build_all(agent: Option<&Path>) -> Result<Build> {
+    let agent = match agent {
+        Some(a) => {
+            step(&format!(
+                "the agent: {} (release); building the test binaries",
+                a.display()
+            ));
+            a.to_path_buf()
+        }
+        None => {
+            step("building the agent (release) and the test binaries");
+            crate::build(true)?
+        }
+    };
     let out = crate::cargo()
         .args(["test", "--workspace", "--no-run", "--message-format=json"])
         .stderr(Stdio::inherit())
