@@ -343,6 +343,21 @@ impl Agent {
     }
 
     /// Waits up to `timeout` for a log line matching `pred`, keeping every line in `log`.
+    /// Like [`Agent::wait_log`], but a line already read (e.g. while waiting for readiness)
+    /// counts too: the agent's log and its readiness line come on two pipes, read by two
+    /// threads, so a line logged before "ready" may be read after it.
+    pub fn wait_logged(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        if let Some(line) = self.log.iter().find(|l| pred(l)) {
+            return Ok(line.clone());
+        }
+        self.wait_log(what, timeout, pred)
+    }
+
     pub fn wait_log(
         &mut self,
         what: &str,

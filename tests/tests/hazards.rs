@@ -42,13 +42,11 @@ fn a_tunnel_joining_after_stp_off_turns_stp_back_on_also_after_a_restart() -> Re
         Ok((lab.stp_state()? != 1).then(|| "STP still off".to_owned()))
     })?;
     // Reported when it happened, and the bridge left alone since.
-    assert!(
-        agent
-            .log_text()
-            .contains("refused: left alone, STP turned back on: vx0 is a vxlan tunnel port"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_logged(
+        "the log line refused: left alone, STP turned back on:",
+        HEAL,
+        |l| l.contains("refused: left alone, STP turned back on: vx0 is a vxlan tunnel port"),
+    )?;
     let status = agent.wait_status("the refusal", HEAL, |s| {
         refusals(s).contains("left alone: vx0 is a vxlan tunnel port")
             && s["bridges"][0]["stp_off_by_agent"] == false

@@ -271,11 +271,9 @@ fn a_reload_that_turns_loop_protect_on_cuts_a_loop() -> Result<()> {
     let mut agent = Agent::run(&lab.host, &["--config", &config_arg])?;
     lab.wait_healthy(HEAL)?;
     wait_forwarding(&lab, &["vnet3"], HEAL)?;
-    assert!(
-        agent.log_text().contains("loop protection: off"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_logged("the log line loop protection: off", HEAL, |l| {
+        l.contains("loop protection: off")
+    })?;
     // The reload opens the detectors the newly protected bridge needs.
     write(true)?;
     let hup = std::process::Command::new("kill")

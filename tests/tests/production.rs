@@ -282,15 +282,13 @@ fn without_cap_net_admin_it_observes_or_refuses_when_repair_is_required() -> any
         "--bounding-set=-net_admin",
         "--inh-caps=-net_admin",
     ];
-    let agent = Agent::run_with(&lab.host, &drop_net_admin, &["--bridge", "br0"], &[])?;
+    let mut agent = Agent::run_with(&lab.host, &drop_net_admin, &["--bridge", "br0"], &[])?;
     assert!(agent.ready.contains("observe-only"), "{}", agent.ready);
-    assert!(
-        agent
-            .log_text()
-            .contains("no CAP_NET_ADMIN: running observe-only"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_logged(
+        "the log line no CAP_NET_ADMIN: running observe-only",
+        HEAL,
+        |l| l.contains("no CAP_NET_ADMIN: running observe-only"),
+    )?;
     assert_eq!(lab.stp_state()?, 1, "nothing repaired");
     drop(agent);
 
@@ -321,11 +319,9 @@ fn without_cap_bpf_it_runs_on_netlink_alone_and_still_repairs() -> anyhow::Resul
     ];
     let mut agent = Agent::run_with(&lab.host, &no_bpf, &["--bridge", "br0"], &[])?;
     assert!(agent.ready.contains("netlink only"), "{}", agent.ready);
-    assert!(
-        agent.log_text().contains("running on netlink alone"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_logged("the log line running on netlink alone", HEAL, |l| {
+        l.contains("running on netlink alone")
+    })?;
     lab.wait_healthy(HEAL)?;
     lab.host.ip("link set br0 down")?;
     agent.wait_log("bridge up", HEAL, |l| l.contains("repaired: set br0 up"))?;

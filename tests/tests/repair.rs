@@ -186,7 +186,7 @@ fn a_bridge_with_a_vxlan_port_is_left_alone_and_the_refusal_reported() -> anyhow
         .ip("link add vx0 type vxlan id 42 dstport 4789 local 198.18.1.1")?;
     lab.host.ip("link set vx0 master br0")?;
     lab.host.ip("link set vx0 up")?;
-    let agent = Agent::run(&lab.host, &["--bridge", "br0"])?;
+    let mut agent = Agent::run(&lab.host, &["--bridge", "br0"])?;
     // The status is published before the readiness line: the refusal is there now.
     let status = agent.status()?;
     let refusals = status["bridges"][0]["refusals"].to_string();
@@ -194,11 +194,7 @@ fn a_bridge_with_a_vxlan_port_is_left_alone_and_the_refusal_reported() -> anyhow
         refusals.contains("vx0 is a vxlan tunnel port"),
         "{status:#}"
     );
-    assert!(
-        agent.log_text().contains("refused:"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_logged("the refusal's log line", HEAL, |l| l.contains("refused:"))?;
     // Nothing was touched: STP still on, the VM port still walking its timers.
     assert_eq!(stp_state(&lab)?, 1);
     assert_eq!(status["bridges"][0]["repairs"], 0, "{status:#}");
@@ -233,13 +229,10 @@ fn observe_only_repairs_nothing_and_reports_what_it_would_do() -> anyhow::Result
     let lab = VmLab::new(PREFIX, "observe", 1)?;
     let mut agent = Agent::run(&lab.host, &["--bridge", "br0", "--observe"])?;
     // Logged by the first reconcile, before the readiness line.
-    assert!(
-        agent
-            .log_text()
-            .contains("observe-only: would turn STP off on br0"),
-        "{}",
-        agent.log_text()
-    );
+    // Once loop protection has probed every port (STP goes off only after that).
+    agent.wait_logged("the would-do line for STP", HEAL, |l| {
+        l.contains("observe-only: would turn STP off on br0")
+    })?;
     lab.host.ip("link set br0 down")?;
     agent.wait_log("the would-do line", HEAL, |l| {
         l.contains("observe-only: would set br0 up")

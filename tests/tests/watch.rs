@@ -298,11 +298,9 @@ fn on_netlink_alone_watch_says_so_and_filters_by_bridge_and_port() -> anyhow::Re
     lab.stp_bridge("br1")?;
     let mut agent = Agent::watch(&lab, &["--no-ebpf", "--bridge", "br0", "--port", "vnet*"])?;
     assert!(agent.ready.contains("netlink only"), "{}", agent.ready);
-    assert!(
-        agent.log_text().contains("watching netlink alone"),
-        "{}",
-        agent.log_text()
-    );
+    agent.wait_logged("the log line watching netlink alone", STP_WALK, |l| {
+        l.contains("watching netlink alone")
+    })?;
     // Filtered out: another bridge, and a port not matching the glob.
     lab.veth_port("br1", "vnet1", "guest1")?;
     lab.veth_port("br0", "tap0", "guestt")?;
