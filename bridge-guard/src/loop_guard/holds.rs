@@ -31,6 +31,12 @@ const FORGET_NS: Ktime = 300_000_000_000;
 /// Frames still in flight when a loop is cut move addresses a little longer: for this long,
 /// a sighting on the cut loop's other port counts as that loop, not as a new one.
 const SETTLE_NS: Ktime = 250_000_000;
+/// How long after a cut a MAC flap through the cut loop's other port may still be its drain:
+/// frames queued before the cut (a backlog of up to `netdev_max_backlog` per CPU, seconds of
+/// work on a slow or loaded host) still move the addresses of guests that sent into the
+/// loop, between their own port and the other one. Holding on such a flap takes an innocent
+/// guest's port out; the loop guard probes instead, and a probe that comes back is a loop.
+pub const DRAIN_NS: Ktime = 3_000_000_000;
 
 /// What showed a loop.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -168,6 +174,25 @@ fn hold_ns(level: usize) -> Ktime {
 }
 
 impl Holds {
+    /// Whether `s`, a MAC flap past the settle time, may be the drain of a loop cut less than
+    /// [`DRAIN_NS`] ago: it involves that loop's other port, and neither of its ports is held.
+    pub fn may_be_drain(&self, s: &Sighting) -> bool {
+        if !matches!(s.evidence, Evidence::Flap { .. }) {
+            return false;
+        }
+        let candidates: Vec<u32> = std::iter::once(s.port.0)
+            .chain(s.other.as_ref().map(|o| o.0))
+            .collect();
+        if candidates.iter().any(|i| self.holds.contains_key(i)) {
+            return false;
+        }
+        self.holds.values().any(|h| {
+            h.bridge_ifindex == s.bridge_ifindex
+                && h.other_ifindex.is_some_and(|o| candidates.contains(&o))
+                && s.at.saturating_sub(h.since) < DRAIN_NS
+        })
+    }
+
     /// Records a sighting. `forwarding_since(ifindex)`: since when the port forwards, `None`
     /// if it does not. Returns a detection when a port is taken out (again).
     pub fn observe(
@@ -498,6 +523,26 @@ mod tests {
             none,
         );
         assert_eq!(d.map(|d| d.port), Some("vnet2".to_owned()));
+    }
+
+    #[test]
+    fn a_flap_through_a_cut_loops_other_port_may_be_its_drain_for_a_while() {
+        let mut h = Holds::default();
+        h.observe(probe((10, "vnet3"), (9, "vnet0"), 0), |_| None);
+        let flap = |port: (u32, &str), other: (u32, &str), at| Sighting {
+            evidence: Evidence::Flap {
+                mac: "02:00:00:00:00:01".into(),
+                vid: 0,
+                moves: 3,
+            },
+            ..probe(port, other, at)
+        };
+        // A guest's MAC between its own port and the loop's other port, 1.4 s after the cut.
+        assert!(h.may_be_drain(&flap((11, "vnet1"), (9, "vnet0"), 1_400 * MS)));
+        // Not a port of that loop; or too late to be its drain; or a probe (a loop for sure).
+        assert!(!h.may_be_drain(&flap((11, "vnet1"), (12, "vnet2"), 1_400 * MS)));
+        assert!(!h.may_be_drain(&flap((11, "vnet1"), (9, "vnet0"), DRAIN_NS)));
+        assert!(!h.may_be_drain(&probe((11, "vnet1"), (9, "vnet0"), 1_400 * MS)));
     }
 
     #[test]

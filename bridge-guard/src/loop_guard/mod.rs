@@ -42,6 +42,10 @@ use self::{
     holds::{Detection, Evidence, Holds, PROBE_EVERY_NS, Sighting},
     socket::{Received, Sockets},
 };
+
+/// At most one probe round per bridge this often to check flaps that may be a cut loop's
+/// drain (hundreds of them arrive while it lasts).
+const VERIFY_EVERY_NS: Ktime = 20_000_000;
 use crate::{
     event::{PortState, StpMode},
     model::{Ktime, Model},
@@ -102,6 +106,8 @@ pub struct LoopGuard {
     seq: u32,
     frames: Vec<Received>,
     flap_batch: Vec<Flap>,
+    /// When a flap that may be a cut loop's drain last sent a bridge's ports a probe round.
+    verified: BTreeMap<u32, Ktime>,
     /// Per port ifindex: (oper up, forwarding) at the last update.
     last: BTreeMap<u32, (bool, bool)>,
     /// Per bridge ifindex: when its next periodic probe round is due.
@@ -181,6 +187,7 @@ impl LoopGuard {
             seq: 0,
             frames: Vec::new(),
             flap_batch: Vec::new(),
+            verified: BTreeMap::new(),
             last: BTreeMap::new(),
             next_round: BTreeMap::new(),
             peers: peers::Peers::default(),
@@ -558,10 +565,24 @@ impl LoopGuard {
         }
         let flaps = std::mem::take(&mut self.flap_batch);
         for f in &flaps {
-            if let Some(s) = self.flap_sighting(f, model) {
-                detections.extend(self.holds.observe(s, since));
+            let Some(s) = self.flap_sighting(f, model) else {
+                continue;
+            };
+            // Maybe the drain of a loop just cut: a probe round tells (a loop returns it).
+            let probed = |i: u32| self.sockets.as_ref().is_some_and(|x| x.watching(i));
+            let verifiable = probed(s.port.0) && s.other.as_ref().is_some_and(|o| probed(o.0));
+            if verifiable && self.holds.may_be_drain(&s) {
+                let last = self.verified.get(&s.bridge_ifindex).copied();
+                if last.is_none_or(|t| now.saturating_sub(t) >= VERIFY_EVERY_NS) {
+                    self.verified.insert(s.bridge_ifindex, now);
+                    tracing::debug!(bridge = %s.bridge, port = %s.port.1, "a flap that may be a cut loop's drain, probing: {}", s.evidence);
+                    due.insert(s.bridge_ifindex);
+                }
+                continue;
             }
+            detections.extend(self.holds.observe(s, since));
         }
+        self.verified.retain(|b, _| bridges.contains(b));
         self.check_flap_counters();
 
         due.extend(self.holds.tick(now));
