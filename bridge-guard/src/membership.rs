@@ -129,6 +129,21 @@ pub fn libvirt_interfaces(dirs: &LibvirtDirs) -> Vec<Interface> {
     out
 }
 
+/// The bridges of libvirt's active networks, from their status files: bridges libvirt builds
+/// (creates down, configures, then raises) whenever it starts the network.
+pub fn libvirt_network_bridges(dirs: &LibvirtDirs) -> Vec<String> {
+    xml_files(&dirs.networks)
+        .into_iter()
+        .filter_map(|(path, text)| match parse_network_status(&text) {
+            Ok(found) => found.map(|(_, bridge)| bridge),
+            Err(e) => {
+                tracing::warn!("skipping {}: {e}", path.display());
+                None
+            }
+        })
+        .collect()
+}
+
 /// `(path, text)` of every readable `*.xml` in `dir`.
 fn xml_files(dir: &Path) -> Vec<(PathBuf, String)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -258,6 +273,7 @@ mod tests {
         );
         // The run directory itself names the same files.
         assert_eq!(LibvirtDirs::new(&fixtures()), dirs);
+        assert_eq!(libvirt_network_bridges(&dirs), ["virbr0", "virbr1"]);
     }
 
     #[test]

@@ -97,6 +97,10 @@ pub struct Model {
     /// Guarded bridges (ifindex) that appeared while the agent watched and have not been up
     /// yet, with when they appeared: their owner (libvirt's `net-start`) is still building them.
     building: BTreeMap<u32, Ktime>,
+    /// Guarded bridges an owner builds after creating them (libvirt's networks): only these are
+    /// left to settle. Any other bridge that appears down is a bridge recreated and left down,
+    /// repaired at once.
+    built_by_owner: BTreeSet<String>,
 }
 
 /// A port state as eBPF saw it.
@@ -183,7 +187,10 @@ impl Model {
 
     /// Notes a guarded bridge appearing down (its owner is building it) and its first up.
     fn note_building(&mut self, snap: &LinkSnapshot, now: Ktime) {
-        if snap.kind != LinkKind::Bridge || !self.guarded.contains(&snap.name) {
+        if snap.kind != LinkKind::Bridge
+            || !self.guarded.contains(&snap.name)
+            || !self.built_by_owner.contains(&snap.name)
+        {
             return;
         }
         if snap.admin_up {
@@ -191,6 +198,26 @@ impl Model {
         } else if !self.links.contains_key(&snap.ifindex) {
             self.building.insert(snap.ifindex, now);
         }
+    }
+
+    /// Notes bridges an owner configures after creating them (libvirt names them in its
+    /// networks' status): from now on such a bridge appearing down is left to its owner for a
+    /// while. Kept for the agent's life, for guarded bridges only: a destroyed network's status
+    /// file is gone by the time libvirt creates its bridge again.
+    pub fn note_built_by_owner<'a>(&mut self, bridges: impl IntoIterator<Item = &'a str>) {
+        for b in bridges {
+            if self.guarded.contains(b) && !self.built_by_owner.contains(b) {
+                self.built_by_owner.insert(b.to_owned());
+            }
+        }
+    }
+
+    pub fn is_built_by_owner(&self, bridge: &str) -> bool {
+        self.built_by_owner.contains(bridge)
+    }
+
+    pub fn is_guarded(&self, bridge: &str) -> bool {
+        self.guarded.contains(bridge)
     }
 
     /// Since when guarded bridge `bridge_ifindex` has been built by its owner: it appeared
@@ -874,6 +901,12 @@ pub(crate) mod tests {
     fn a_bridge_that_appears_down_is_being_built_until_it_is_first_up() {
         let mut m = Model::new(["br0".to_owned()]);
         m.reset(lab(), 0);
+        // No owner named br0: a bridge recreated down is a fault, repaired at once.
+        let mut orphan = link(11, "br0", LinkKind::Bridge, None);
+        orphan.admin_up = false;
+        m.apply_netlink(NetlinkEvent::Link(orphan), 2);
+        assert_eq!(m.building_since(11), None, "nobody builds it");
+        m.note_built_by_owner(["br0", "br9"]);
         assert_eq!(
             m.building_since(7),
             None,

@@ -265,7 +265,8 @@ pub struct Context {
 
 /// How long a guarded bridge that appeared down is left to its owner before it is repaired
 /// anyway. libvirt's `net-start` creates its bridge down, configures it and raises it 70-150 ms
-/// later on a loaded 2-core machine; a bridge nobody raises is repaired after this.
+/// later on a loaded 2-core machine; a bridge nobody raises is repaired after this. Only
+/// bridges an owner is known to build wait (see [`Model::note_built_by_owner`]).
 pub const SETTLE_NS: Ktime = 500_000_000;
 
 /// Plans the repairs of every guarded bridge, with every bridge's settle time over (for
@@ -696,6 +697,7 @@ mod tests {
     #[test]
     fn a_bridge_its_owner_is_still_building_is_left_alone_until_up_or_settled() {
         let mut m = model(vec![bridge(7, "br0", StpMode::Off), port_on(9, 7)]);
+        m.note_built_by_owner(["br0"]);
         // A running bridge set down is repaired at once, whatever the time.
         let mut down = bridge(7, "br0", StpMode::Off);
         down.admin_up = false;

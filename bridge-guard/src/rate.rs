@@ -10,7 +10,7 @@
 //! once per [`FIGHT_REPORT_EVERY`] while it lasts (count and actor), and when it ends; the
 //! individual repairs of a fight are not logged one by one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::Ktime;
 
@@ -57,17 +57,48 @@ pub struct Fight {
     pub limited: u64,
     /// Who undid the repair last, where known.
     pub actor: Option<String>,
+}
+
+/// A fight as the log tells of it: by bridge, not by repair. STP turned on again makes every
+/// port's forwarding a fight too; one line says so when the bridge's first repair becomes a
+/// fight, one per [`FIGHT_REPORT_EVERY`] while any of its repairs still fights, one when the
+/// last is over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeFight {
+    pub started: Ktime,
+    pub last_repair: Ktime,
+    /// Repairs made during the fight, of every kind.
+    pub repairs: u64,
+    /// Repairs that had to wait for a slot.
+    pub limited: u64,
+    /// Who undid a repair last, where known.
+    pub actor: Option<String>,
     /// Repairs since the fight was last reported.
     pub unreported: u64,
     pub reported: Ktime,
+    /// The repairs that fight (ongoing or over), for the log.
+    pub keys: BTreeSet<Key>,
 }
 
 /// What the caller should log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Report {
-    Started { key: Key, fight: Fight },
-    Ongoing { key: Key, fight: Fight },
-    Ended { key: Key, fight: Fight },
+    Started {
+        bridge: String,
+        fight: BridgeFight,
+    },
+    /// Another repair of a bridge already fighting became a fight: counted, not logged.
+    Joined {
+        key: Key,
+    },
+    Ongoing {
+        bridge: String,
+        fight: BridgeFight,
+    },
+    Ended {
+        bridge: String,
+        fight: BridgeFight,
+    },
 }
 
 #[derive(Clone, Debug, Default)]
@@ -82,6 +113,8 @@ struct Entry {
 #[derive(Debug, Default)]
 pub struct RateLimiter {
     entries: BTreeMap<Key, Entry>,
+    /// Fights by bridge, for the log.
+    bridges: BTreeMap<String, BridgeFight>,
 }
 
 const TOLERANCE_NS: u64 = (BURST - 1) * INTERVAL_NS;
@@ -109,33 +142,57 @@ impl RateLimiter {
         let repeat = e.last != 0 && now.saturating_sub(e.last) < REPEAT_NS;
         e.repeats = if repeat { e.repeats + 1 } else { 0 };
         e.last = now;
+        let mut joined = false;
         if let Some(f) = e.fight.as_mut() {
             f.repairs += 1;
-            f.unreported += 1;
             f.limited += u64::from(waited);
             f.last_repair = now;
             if actor.is_some() {
-                f.actor = actor;
+                f.actor.clone_from(&actor);
             }
+        } else if e.repeats < FIGHT_AFTER && !waited {
             return None;
+        } else {
+            joined = true;
+            e.fight = Some(Fight {
+                started: now,
+                last_repair: now,
+                repairs: 1,
+                limited: u64::from(waited),
+                actor: actor.clone(),
+            });
         }
-        if e.repeats < FIGHT_AFTER && !waited {
-            return None;
+        // The bridge's fight: started by this repair, or joined.
+        let started = !self.bridges.contains_key(&key.bridge);
+        let b = self
+            .bridges
+            .entry(key.bridge.clone())
+            .or_insert_with(|| BridgeFight {
+                started: now,
+                last_repair: now,
+                repairs: 0,
+                limited: 0,
+                actor: None,
+                unreported: 0,
+                reported: now,
+                keys: BTreeSet::new(),
+            });
+        b.repairs += 1;
+        b.unreported += u64::from(!started);
+        b.limited += u64::from(waited);
+        b.last_repair = now;
+        if actor.is_some() {
+            b.actor = actor;
         }
-        let fight = Fight {
-            started: now,
-            last_repair: now,
-            repairs: 1,
-            limited: u64::from(waited),
-            actor,
-            unreported: 0,
-            reported: now,
-        };
-        e.fight = Some(fight.clone());
-        Some(Report::Started {
-            key: key.clone(),
-            fight,
-        })
+        b.keys.insert(key.clone());
+        if started {
+            Some(Report::Started {
+                bridge: key.bridge.clone(),
+                fight: b.clone(),
+            })
+        } else {
+            joined.then(|| Report::Joined { key: key.clone() })
+        }
     }
 
     /// Whether `key` is in a fight (its repairs are then not logged one by one).
@@ -153,25 +210,37 @@ impl RateLimiter {
     /// Reports fights due (ongoing every [`FIGHT_REPORT_EVERY`], and ended ones), and forgets
     /// keys whose slots are all free again.
     pub fn tick(&mut self, now: Ktime) -> Vec<Report> {
-        let mut out = Vec::new();
-        self.entries.retain(|key, e| {
-            if let Some(f) = e.fight.as_mut() {
-                if now.saturating_sub(f.last_repair) >= FIGHT_QUIET_NS {
-                    out.push(Report::Ended {
-                        key: key.clone(),
-                        fight: f.clone(),
-                    });
-                    e.fight = None;
-                } else if now.saturating_sub(f.reported) >= FIGHT_REPORT_EVERY {
-                    out.push(Report::Ongoing {
-                        key: key.clone(),
-                        fight: f.clone(),
-                    });
-                    f.unreported = 0;
-                    f.reported = now;
-                }
+        self.entries.retain(|_, e| {
+            if e.fight
+                .as_ref()
+                .is_some_and(|f| now.saturating_sub(f.last_repair) >= FIGHT_QUIET_NS)
+            {
+                e.fight = None;
             }
             e.fight.is_some() || e.tat > now || now.saturating_sub(e.last) < REPEAT_NS
+        });
+        let mut out = Vec::new();
+        let entries = &self.entries;
+        self.bridges.retain(|bridge, b| {
+            let fighting = entries
+                .iter()
+                .any(|(k, e)| k.bridge == *bridge && e.fight.is_some());
+            if !fighting {
+                out.push(Report::Ended {
+                    bridge: bridge.clone(),
+                    fight: b.clone(),
+                });
+                return false;
+            }
+            if now.saturating_sub(b.reported) >= FIGHT_REPORT_EVERY {
+                out.push(Report::Ongoing {
+                    bridge: bridge.clone(),
+                    fight: b.clone(),
+                });
+                b.unreported = 0;
+                b.reported = now;
+            }
+            true
         });
         out
     }
@@ -181,24 +250,32 @@ impl RateLimiter {
         self.entries
             .values()
             .map(|e| match &e.fight {
-                Some(f) => (f.last_repair + FIGHT_QUIET_NS).min(f.reported + FIGHT_REPORT_EVERY),
+                Some(f) => f.last_repair + FIGHT_QUIET_NS,
                 None => e.tat.max(e.last + REPEAT_NS),
             })
+            .chain(
+                self.bridges
+                    .values()
+                    .map(|b| b.reported + FIGHT_REPORT_EVERY),
+            )
             .min()
     }
 
     /// Forgets everything about a deleted port.
     pub fn forget_port(&mut self, port: &str) {
         self.entries.retain(|k, _| k.port.as_deref() != Some(port));
+        for b in self.bridges.values_mut() {
+            b.keys.retain(|k| k.port.as_deref() != Some(port));
+        }
     }
 
     /// Keys kept, for memory checks.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.bridges.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.entries.is_empty() && self.bridges.is_empty()
     }
 }
 
@@ -293,10 +370,56 @@ mod tests {
         let Some(Report::Ended { fight, .. }) = reports.last() else {
             panic!("no end: {reports:?}");
         };
+        assert_eq!(fight.keys.len(), 1);
         assert_eq!(fight.actor.as_deref(), Some("nm[812]"));
         assert!(fight.repairs >= 12 * RATE_PER_SEC - u64::from(FIGHT_AFTER));
         // The fight is over: the next repair goes out at once.
         assert_eq!(r.wait_until(&key(), now + FIGHT_QUIET_NS), None);
+    }
+
+    #[test]
+    fn a_bridges_fights_are_one_fight_in_the_log() {
+        // STP turned on flat out: turning it off and forcing each port fight together.
+        let mut r = RateLimiter::default();
+        let keys: Vec<Key> = std::iter::once(key())
+            .chain((0..4).map(|i| Key {
+                kind: "force_forwarding",
+                port: Some(format!("vnet{i}")),
+                ..key()
+            }))
+            .collect();
+        let mut reports = Vec::new();
+        let mut now = 1;
+        for _ in 0..(25 * RATE_PER_SEC) {
+            for k in &keys {
+                if r.wait_until(k, now).is_none() {
+                    reports.extend(r.record(k, now, false, None));
+                }
+            }
+            reports.extend(r.tick(now));
+            now += INTERVAL_NS;
+        }
+        assert_eq!(r.fights().count(), keys.len(), "each repair fights");
+        reports.extend(r.tick(now + FIGHT_QUIET_NS));
+        let kinds: Vec<&str> = reports
+            .iter()
+            .map(|r| match r {
+                Report::Started { .. } => "started",
+                Report::Joined { .. } => "joined",
+                Report::Ongoing { .. } => "ongoing",
+                Report::Ended { .. } => "ended",
+            })
+            .collect();
+        // 25 s: started, twice ongoing, ended; never once per repair kind.
+        let logged: Vec<&str> = kinds.into_iter().filter(|k| *k != "joined").collect();
+        assert_eq!(logged, ["started", "ongoing", "ongoing", "ended"]);
+        let Some(Report::Ended { bridge, fight }) = reports.last() else {
+            unreachable!()
+        };
+        assert_eq!(bridge, "br0");
+        assert_eq!(fight.keys.len(), keys.len());
+        assert!(fight.repairs >= keys.len() as u64 * 25 * RATE_PER_SEC - 20);
+        assert!(r.is_empty());
     }
 
     #[test]

@@ -309,6 +309,7 @@ impl Agent {
             self.resync_in(FOLLOW_UP, "inconsistent_dump");
         }
         let links = dump.links;
+        self.netlink.notifications.forget_seen();
         match netlink::mrp_bridges(&self.netlink.handle).await {
             Ok(mrp) => self.model.set_mrp(mrp),
             Err(e) => tracing::debug!("no MRP information: {}", crate::error_chain(&e)),
@@ -316,10 +317,15 @@ impl Agent {
         // Before the reset, so that the ports libvirt names are tracked (and published) from
         // this dump on, detached ones too: ready means every port is known. Each interface also
         // carries what `bridge_guard_port_info` shows (domain, MAC).
-        let interfaces = membership::libvirt_ports(&self.cfg.libvirt_dir);
+        let dirs = membership::LibvirtDirs::new(&self.cfg.libvirt_dir);
+        let interfaces = membership::libvirt_interfaces(&dirs);
         for i in &interfaces {
             self.model.remember(&i.bridge, &i.dev);
         }
+        // libvirt's bridges, left to libvirt while it builds them again (`net-start`).
+        let networks = membership::libvirt_network_bridges(&dirs);
+        self.model
+            .note_built_by_owner(networks.iter().map(String::as_str));
         let transitions = self.model.reset_from_dump(links, asked, monotonic_ns());
         {
             let mut acc = self.acc();
@@ -611,8 +617,22 @@ impl Agent {
 
     fn apply_netlink(&mut self, ev: NetlinkEvent) {
         *self.acc().events.entry("netlink").or_default() += 1;
-        if matches!(&ev, NetlinkEvent::Link(l) if l.kind == LinkKind::Bridge) {
-            self.retry_probes();
+        if let NetlinkEvent::Link(l) = &ev {
+            if l.kind == LinkKind::Bridge {
+                self.retry_probes();
+                if !l.admin_up
+                    && self.model.link(l.ifindex).is_none()
+                    && self.model.is_guarded(&l.name)
+                    && !self.model.is_built_by_owner(&l.name)
+                {
+                    // A guarded bridge appearing down: is it libvirt starting a network the
+                    // agent has not seen running yet? Its status file says so.
+                    let dirs = membership::LibvirtDirs::new(&self.cfg.libvirt_dir);
+                    let networks = membership::libvirt_network_bridges(&dirs);
+                    self.model
+                        .note_built_by_owner(networks.iter().map(String::as_str));
+                }
+            }
         }
         let t = self.model.apply_netlink(ev, monotonic_ns());
         self.record_transitions(&t);

@@ -314,38 +314,45 @@ impl Agent {
 
     fn report_fight(&mut self, r: &Report) {
         self.dirty = true;
+        let what =
+            |f: &rate::BridgeFight| f.keys.iter().map(describe).collect::<Vec<_>>().join(", ");
         match r {
-            Report::Started { key, fight } => {
-                self.acc().on_fight(&key.bridge, key.kind);
+            Report::Started { bridge, fight } => {
+                for k in &fight.keys {
+                    self.acc().on_fight(&k.bridge, k.kind);
+                }
                 tracing::warn!(
-                    bridge = %key.bridge,
-                    action = key.kind,
+                    bridge = %bridge,
                     actor = fight.actor.as_deref().unwrap_or("unknown"),
-                    "fight: something keeps undoing {}{}; repairing it every time, at most {}/s",
-                    describe(key),
+                    "fight: something keeps undoing {}{}; repairing it every time, at most {}/s \
+                     for each repair",
+                    what(fight),
                     by(fight.actor.as_deref()),
                     rate::RATE_PER_SEC
                 );
             }
-            Report::Ongoing { key, fight } => tracing::warn!(
-                bridge = %key.bridge,
-                action = key.kind,
+            Report::Joined { key } => {
+                self.acc().on_fight(&key.bridge, key.kind);
+                tracing::debug!("{} joins the fight on {}", describe(key), key.bridge);
+            }
+            Report::Ongoing { bridge, fight } => tracing::warn!(
+                bridge = %bridge,
                 actor = fight.actor.as_deref().unwrap_or("unknown"),
                 count = fight.unreported,
-                "fight goes on: {} repaired {} times in the last {} s{}",
-                describe(key),
+                "fight goes on: {} repairs in the last {} s ({}){}",
                 fight.unreported,
                 rate::FIGHT_REPORT_EVERY / 1_000_000_000,
+                what(fight),
                 by(fight.actor.as_deref())
             ),
-            Report::Ended { key, fight } => tracing::info!(
-                bridge = %key.bridge,
-                action = key.kind,
+            Report::Ended { bridge, fight } => tracing::info!(
+                bridge = %bridge,
+                actor = fight.actor.as_deref().unwrap_or("unknown"),
                 count = fight.repairs,
-                "fight over: {} repaired {} times in {:.1} s{}",
-                describe(key),
+                "fight over: {} repairs in {:.1} s ({}){}",
                 fight.repairs,
                 fight.last_repair.saturating_sub(fight.started) as f64 / 1e9,
+                what(fight),
                 by(fight.actor.as_deref())
             ),
         }

@@ -136,6 +136,10 @@ impl Agent {
         t.insert("held".into(), self.held.len());
         t.insert("in_flight".into(), self.in_flight.len());
         t.insert("failures".into(), self.failures.len());
+        t.insert(
+            "notification_prints".into(),
+            self.netlink.notifications.copies().1,
+        );
         t
     }
 

@@ -12,6 +12,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io,
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    sync::{
+        OnceLock,
+        mpsc::{SyncSender, TrySendError},
+    },
 };
 
 use tokio::io::unix::AsyncFd;
@@ -108,6 +112,33 @@ fn open(ifindex: u32) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Closes a packet socket off the event loop. Closing one waits for an RCU grace period
+/// (`packet_release` calls `synchronize_net`): milliseconds the agent would stand still for,
+/// right when a port has left its bridge and its re-attach is due (measured: a detached port
+/// back in 6-7 ms instead of 1.2 ms). A full queue closes in place: fds stay bounded.
+fn close_later(fd: OwnedFd) {
+    static CLOSER: OnceLock<Option<SyncSender<OwnedFd>>> = OnceLock::new();
+    let closer = CLOSER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<OwnedFd>(256);
+        std::thread::Builder::new()
+            .name("socket-closer".into())
+            .stack_size(64 * 1024)
+            .spawn(move || rx.into_iter().for_each(drop))
+            .map_err(|e| tracing::debug!("no closer thread, closing in place: {e}"))
+            .ok()
+            .map(|_| tx)
+    });
+    match closer {
+        Some(tx) => {
+            // Full, or the thread is gone: the fd comes back and closes here.
+            if let Err(TrySendError::Full(fd) | TrySendError::Disconnected(fd)) = tx.try_send(fd) {
+                drop(fd);
+            }
+        }
+        None => drop(fd),
+    }
+}
+
 impl Sockets {
     pub fn new() -> io::Result<Self> {
         // SAFETY: plain syscall; the fd is owned right away.
@@ -125,7 +156,17 @@ impl Sockets {
 
     /// Opens sockets for ports in `wanted` that have none, closes those of ports not in it.
     pub fn sync(&mut self, wanted: &BTreeSet<u32>) {
-        self.ports.retain(|i, _| wanted.contains(i));
+        let gone: Vec<u32> = self
+            .ports
+            .keys()
+            .filter(|i| !wanted.contains(i))
+            .copied()
+            .collect();
+        for i in gone {
+            if let Some(fd) = self.ports.remove(&i) {
+                close_later(fd);
+            }
+        }
         self.failed.retain(|i, _| wanted.contains(i));
         for &ifindex in wanted {
             if self.ports.contains_key(&ifindex) || self.failed.contains_key(&ifindex) {

@@ -4,3 +4,4 @@ pub mod ebpf;
 pub mod link_watch;
 pub mod netlink;
 pub mod notifications;
+pub mod unchanged;

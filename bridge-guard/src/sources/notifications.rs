@@ -14,6 +14,7 @@ use std::{
     collections::VecDeque,
     io,
     os::fd::{AsRawFd as _, RawFd},
+    time::Duration,
 };
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
@@ -21,13 +22,24 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use tokio::io::unix::AsyncFd;
 
-use super::netlink::{NetlinkError, NetlinkEvent, decode, grow_rx_buffer};
+use super::{
+    netlink::{NetlinkError, NetlinkEvent, decode, grow_rx_buffer},
+    unchanged::Unchanged,
+};
 
 /// `RTNLGRP_LINK` from `linux/rtnetlink.h`.
 const RTNLGRP_LINK: u32 = 1;
 /// One datagram at most: the kernel sends notifications up to a page (or 8 KiB) each, dump
 /// parts up to 32 KiB; nothing larger comes on this socket.
 const DATAGRAM: usize = 64 * 1024;
+/// Copies (see [`Unchanged`]) in a [`FLOOD_WINDOW`] that make a flood: 2000 a second, far
+/// above any real churn and far below a tool re-applying a setting flat out.
+const FLOOD_COPIES: u32 = 200;
+const FLOOD_WINDOW: Duration = Duration::from_millis(100);
+/// During a flood of copies, the socket is read in batches this far apart instead of once
+/// per message: a real change behind the copies waits at most this long, and a flat-out
+/// fighter costs a read per batch rather than a wakeup per message.
+pub const FLOOD_PAUSE: Duration = Duration::from_millis(1);
 
 /// A subscribed link-notification socket.
 pub struct Notifications {
@@ -35,6 +47,12 @@ pub struct Notifications {
     buf: Vec<u8>,
     /// Decoded from the last datagram, not yet taken.
     pending: VecDeque<NetlinkEvent>,
+    unchanged: Unchanged,
+    /// Copies skipped since `window` began.
+    copies: u32,
+    window: tokio::time::Instant,
+    /// In a flood: no read before this.
+    paused_until: Option<tokio::time::Instant>,
 }
 
 impl Notifications {
@@ -58,9 +76,62 @@ impl Notifications {
             socket,
             buf: vec![0; DATAGRAM],
             pending: VecDeque::new(),
+            unchanged: Unchanged::default(),
+            copies: 0,
+            window: tokio::time::Instant::now(),
+            paused_until: None,
         })
     }
 
+    /// Forgets what the last notifications said (after a dump): a message like one of them is
+    /// news again.
+    pub fn forget_seen(&mut self) {
+        self.unchanged.forget();
+    }
+
+    /// Notifications skipped as copies of their link's last one, and links remembered.
+    pub fn copies(&self) -> (u64, usize) {
+        (self.unchanged.skipped, self.unchanged.len())
+    }
+
+    /// The socket is empty: during a flood of copies, the next read waits a little.
+    fn drained(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now.duration_since(self.window) >= FLOOD_WINDOW {
+            self.window = now;
+            self.copies = 0;
+        } else if self.copies >= FLOOD_COPIES {
+            self.paused_until = Some(now + FLOOD_PAUSE);
+        }
+    }
+
+    fn read(&mut self) -> io::Result<()> {
+        read_counted(
+            self.socket.as_raw_fd(),
+            &mut self.buf,
+            &mut self.pending,
+            &mut self.unchanged,
+            &mut self.copies,
+        )
+    }
+}
+
+/// [`read`], counting the copies it skipped into `copies`.
+fn read_counted(
+    fd: RawFd,
+    buf: &mut [u8],
+    out: &mut VecDeque<NetlinkEvent>,
+    unchanged: &mut Unchanged,
+    copies: &mut u32,
+) -> io::Result<()> {
+    let before = unchanged.skipped;
+    let r = read(fd, buf, out, unchanged);
+    let n = unchanged.skipped - before;
+    *copies = copies.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    r
+}
+
+impl Notifications {
     /// The next notification the model needs, waiting for one. Cancel-safe: nothing is read
     /// but between the wait and the return.
     pub async fn recv(&mut self) -> io::Result<NetlinkEvent> {
@@ -68,22 +139,33 @@ impl Notifications {
             if let Some(ev) = self.pending.pop_front() {
                 return Ok(ev);
             }
-            let mut ready = self.socket.readable_mut().await?;
-            match read(
-                ready.get_inner().as_raw_fd(),
+            if let Some(until) = self.paused_until {
+                tokio::time::sleep_until(until).await;
+                self.paused_until = None;
+            }
+            let mut ready = self.socket.readable().await?;
+            let r = read_counted(
+                ready.get_ref().as_raw_fd(),
                 &mut self.buf,
                 &mut self.pending,
-            ) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                &mut self.unchanged,
+                &mut self.copies,
+            );
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready.clear_ready();
+                    drop(ready);
+                    self.drained();
+                }
                 r => r?,
             }
         }
     }
 
-    /// The next notification already queued, without waiting.
+    /// The next notification already queued, without waiting (copies are read past).
     pub fn try_recv(&mut self) -> io::Result<Option<NetlinkEvent>> {
-        if self.pending.is_empty() {
-            match read(self.socket.as_raw_fd(), &mut self.buf, &mut self.pending) {
+        while self.pending.is_empty() {
+            match self.read() {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
                 r => r?,
             }
@@ -94,12 +176,19 @@ impl Notifications {
 
 /// Reads one datagram and decodes its messages into `out`; a lost notification (ENOBUFS) is
 /// an [`NetlinkEvent::Overrun`].
-fn read(fd: RawFd, buf: &mut [u8], out: &mut VecDeque<NetlinkEvent>) -> io::Result<()> {
+fn read(
+    fd: RawFd,
+    buf: &mut [u8],
+    out: &mut VecDeque<NetlinkEvent>,
+    unchanged: &mut Unchanged,
+) -> io::Result<()> {
     // SAFETY: `buf` is valid for `buf.len()` bytes.
     let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENOBUFS) {
+            // Lost news: the last message of a link may no longer be its state.
+            unchanged.forget();
             out.push_back(NetlinkEvent::Overrun);
             return Ok(());
         }
@@ -116,6 +205,10 @@ fn read(fd: RawFd, buf: &mut [u8], out: &mut VecDeque<NetlinkEvent>) -> io::Resu
                 "malformed netlink notification: skipped"
             );
             break;
+        }
+        if unchanged.repeats(&rest[..len]) {
+            rest = rest.get((len + 3) & !3..).unwrap_or_default();
+            continue;
         }
         match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) {
             Ok(msg) => match &msg.payload {
