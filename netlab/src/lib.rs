@@ -23,6 +23,8 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
+pub mod libvirt;
+
 /// Namespaces this process created and has not deleted yet, for [`delete_all_before_exit`].
 static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -368,6 +370,53 @@ pub fn read_lines(
             }
         }
     });
+}
+
+/// Waits until `problem` finds none, re-checking it on every link notification in `ns`
+/// (`ip monitor link`), never on a timer; fails after `timeout` with the last problem found.
+pub fn wait_on_links(
+    ns: &NetNs,
+    what: &str,
+    timeout: Duration,
+    mut problem: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
+    let mut monitor = Command::new("ip")
+        .args(["-n", &ns.name, "monitor", "link"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ip monitor")?;
+    let stdout = monitor.stdout.take().context("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    read_lines(stdout, move |line| tx.send(line).is_ok());
+    let deadline = Instant::now() + timeout;
+    let result = loop {
+        // Checked after the monitor started, so no change can slip between check and wait.
+        let why = match problem() {
+            Ok(None) => break Ok(()),
+            Ok(Some(why)) => why,
+            Err(e) => break Err(e),
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if rx.recv_timeout(left).is_err() {
+            break Err(anyhow::anyhow!(
+                "timed out after {timeout:?} waiting for {what}: {why}"
+            ));
+        }
+    };
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    result
+}
+
+/// `program` on PATH (or in /usr/sbin, /sbin, which root's PATH may lack), if it is there.
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

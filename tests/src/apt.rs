@@ -12,15 +12,7 @@ use anyhow::{Context as _, Result, bail};
 /// Serialises installs from tests running in parallel in this process.
 static APT: Mutex<()> = Mutex::new(());
 
-/// `program` on PATH, if it is there.
-pub fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .chain(["/usr/sbin".into(), "/sbin".into()])
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
+pub use netlab::which;
 
 fn apt_get(args: &[&str], cwd: Option<&Path>) -> Result<()> {
     let mut cmd = Command::new("apt-get");

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use netlab::read_lines;
-pub use netlab::{NetNs, VmLab, http_get};
+pub use netlab::{NetNs, VmLab, http_get, wait_on_links};
 
 pub mod apt;
 pub mod scrape;
@@ -521,43 +521,6 @@ impl Drop for Agent {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-}
-
-/// Waits until `problem` finds none, re-checking it on every link notification in `ns`
-/// (`ip monitor link`), never on a timer; fails after `timeout` with the last problem found.
-pub fn wait_on_links(
-    ns: &NetNs,
-    what: &str,
-    timeout: Duration,
-    mut problem: impl FnMut() -> Result<Option<String>>,
-) -> Result<()> {
-    let mut monitor = Command::new("ip")
-        .args(["-n", &ns.name, "monitor", "link"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting ip monitor")?;
-    let stdout = monitor.stdout.take().context("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    read_lines(stdout, move |line| tx.send(line).is_ok());
-    let deadline = Instant::now() + timeout;
-    let result = loop {
-        // Checked after the monitor started, so no change can slip between check and wait.
-        let why = match problem() {
-            Ok(None) => break Ok(()),
-            Ok(Some(why)) => why,
-            Err(e) => break Err(e),
-        };
-        let left = deadline.saturating_duration_since(Instant::now());
-        if rx.recv_timeout(left).is_err() {
-            break Err(anyhow::anyhow!(
-                "timed out after {timeout:?} waiting for {what}: {why}"
-            ));
-        }
-    };
-    let _ = monitor.kill();
-    let _ = monitor.wait();
-    result
 }
 
 /// Waits until `problem` finds nothing wrong (`None`), checking it again each time a file in

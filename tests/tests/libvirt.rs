@@ -17,7 +17,7 @@ const HEAL: Duration = Duration::from_secs(20);
 /// A lab with libvirt's `default` network (virbr0, STP on, delay 0) and a running guest `g0`
 /// on it; the guest's tap.
 fn lab_with_guest(tag: &str) -> anyhow::Result<(LibvirtLab, Network, Tap)> {
-    let lab = LibvirtLab::new(tag)?;
+    let lab = integration_tests::libvirt::lab(tag)?;
     let net = Network::new("default", "virbr0", 122);
     with_log(&lab, lab.start_network(&net))?;
     let taps = with_log(&lab, lab.start_guest("g0", &[&net.name]))?;
@@ -162,7 +162,7 @@ fn a_guest_started_and_an_interface_hot_plugged_land_on_libvirts_bridge() -> any
     if skip_unless_libvirt("a_guest_started_and_an_interface_hot_plugged_land_on_libvirts_bridge") {
         return Ok(());
     }
-    let lab = LibvirtLab::new("lvplug")?;
+    let lab = integration_tests::libvirt::lab("lvplug")?;
     let net = Network::new("default", "virbr0", 122);
     with_log(&lab, lab.start_network(&net))?;
     // The pattern makes every vnet tap a candidate: it must still never beat libvirt to it.

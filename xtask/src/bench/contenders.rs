@@ -39,6 +39,11 @@ done
 ip link set $BR up
 "#;
 
+/// [`FIX_SCRIPT`] for `bridge`.
+pub fn fix_script(bridge: &str) -> String {
+    FIX_SCRIPT.replace("BR=br0", &format!("BR={bridge}"))
+}
+
 /// The monitor loop that runs the fix on every link or route notification (`@FIX@` is the
 /// script's path). It prints a line after each fix, so the bench sees when it is busy.
 pub const MONITOR_LOOP: &str = r#"ip monitor link route | while read -r line; do
@@ -159,13 +164,13 @@ fn spawn(
     }
 }
 
-/// `bridge-guard run` as the bench runs it, with its state in `state_dir` and `extra`
-/// arguments (`--agent-arg`) last.
-pub fn run_args(state_dir: &str, extra: &[String]) -> Vec<String> {
+/// `bridge-guard run` as the bench runs it, guarding `bridge`, with its state in `state_dir`
+/// and `extra` arguments (`--agent-arg`) last.
+pub fn run_args(bridge: &str, state_dir: &str, extra: &[String]) -> Vec<String> {
     let mut v: Vec<String> = [
         "run",
         "--bridge",
-        "br0",
+        bridge,
         "--port-pattern",
         "vnet*",
         "--metrics",
@@ -189,11 +194,11 @@ pub fn metrics_addr(ready: &str) -> Option<String> {
 }
 
 impl Running {
-    /// Starts `contender` in the lab's host namespace, guarding bridge `br0` with VM `ports`,
+    /// Starts `contender` in the lab's host namespace, guarding `bridge` with VM `ports`,
     /// and waits until it is ready.
     pub fn start(
         contender: Contender,
-        (ns, ports): (&NetNs, &[String]),
+        (ns, bridge, ports): (&NetNs, &str, &[String]),
         (bin, extra): (&Path, &[String]),
         obs: &mut Observer,
         host: &mut Rtnl,
@@ -210,14 +215,14 @@ impl Running {
         match contender {
             Contender::None => Ok(nothing),
             Contender::Oracle => Ok(Self {
-                oracle: Some(Oracle::start(&ns.name, "br0", ports.to_vec())?),
+                oracle: Some(Oracle::start(&ns.name, bridge, ports.to_vec())?),
                 ready_line: "oracle following notifications".to_owned(),
                 ..nothing
             }),
             Contender::BridgeGuard => {
                 let state = TempDir::on_tmpfs("bgb", &format!("state-{}", ns.name))?;
                 let dir = state.path.to_string_lossy().into_owned();
-                let args = run_args(&dir, extra);
+                let args = run_args(bridge, &dir, extra);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let (proc, ready_line, _) = spawn_agent(ns, bin, &args, obs.sender())?;
                 Ok(Self {
@@ -230,7 +235,7 @@ impl Running {
             }
             Contender::Shell => {
                 let fix = tmp.path.join("fix-vm-network.sh");
-                std::fs::write(&fix, FIX_SCRIPT)
+                std::fs::write(&fix, fix_script(bridge))
                     .with_context(|| format!("writing {}", fix.display()))?;
                 let script = MONITOR_LOOP.replace("@FIX@", &fix.to_string_lossy());
                 let mut proc = Proc::spawn(
@@ -249,7 +254,7 @@ impl Running {
                 // off again) until the loop answers.
                 let mut ready = false;
                 for _ in 0..50 {
-                    host.set_stp("br0", false)?;
+                    host.set_stp(bridge, false)?;
                     if obs.wait_guard_line(Duration::from_millis(200))? {
                         ready = true;
                         break;

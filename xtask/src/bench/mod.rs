@@ -13,6 +13,7 @@
 pub mod contenders;
 pub mod faults;
 mod fighter;
+pub mod libvirt;
 mod loops;
 mod machine;
 pub(crate) mod markdown;
@@ -57,6 +58,10 @@ Modes (all by default; pick with --only):
             from the loop forming to a loop port out of forwarding, and the frames through the
             loop before. The bench ends the loop itself after --loop-wait or --loop-packets.
   paced     each fault on a quiet lab, --repeat times per contender and lab size (--vms).
+  libvirt   Debian's libvirtd restarts its network (virsh net-destroy, net-start) under a
+            running qemu guest, --repeat times per contender: time until the guest's tap
+            forwards on the new bridge, and net-start's own duration. Needs libvirt (`cargo
+            xtask test` installs it); skipped with a note otherwise.
   pipeline  the agent alone: idle CPU, zero-loss event rate, kernel-to-user delay.
 
 Contenders: bridge-guard; the oracle (a raw-netlink thread told the fault class in advance,
@@ -84,15 +89,17 @@ enum Part {
     Fighter,
     Loop,
     Paced,
+    Libvirt,
     Pipeline,
 }
 
 impl Part {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Storm,
         Self::Fighter,
         Self::Loop,
         Self::Paced,
+        Self::Libvirt,
         Self::Pipeline,
     ];
 }
@@ -183,6 +190,7 @@ struct Plan {
     loops: loops::Plan,
     vms: Vec<usize>,
     paced: paced::Plan,
+    libvirt: libvirt::Plan,
     pipeline: pipeline::Plan,
     contenders: Vec<Contender>,
     quick: bool,
@@ -243,6 +251,12 @@ impl Plan {
                 quiet,
                 spacing: Duration::from_millis(1100),
                 contenders: Vec::new(),
+            },
+            libvirt: libvirt::Plan {
+                repeat,
+                none_repeat: a.none_repeat.unwrap_or(if q { 1 } else { 2 }).min(repeat),
+                timeout: Duration::from_secs(a.timeout.unwrap_or(if q { 5 } else { 10 })),
+                quiet,
             },
             pipeline: pipeline::Plan {
                 idle: Duration::from_secs(a.idle.unwrap_or(if q { 3 } else { 10 })),
@@ -341,6 +355,9 @@ impl Plan {
             for &n in &self.vms {
                 total += self.paced.estimate(n);
             }
+        }
+        if self.has(Part::Libvirt) {
+            total += self.libvirt.estimate(&self.contenders);
         }
         if self.has(Part::Pipeline) && self.contenders.contains(&Contender::BridgeGuard) {
             let p = &self.pipeline;
@@ -527,6 +544,18 @@ pub fn run(args: &Args) -> Result<()> {
             costs.extend(r.costs);
         }
     }
+    let libvirt = if plan.has(Part::Libvirt) {
+        step("libvirt: the network restarted under a running guest");
+        Some(libvirt::run(
+            &plan.libvirt,
+            &plan.contenders,
+            agent,
+            &tmp,
+            &progress,
+        )?)
+    } else {
+        None
+    };
     let pipeline = if plan.has(Part::Pipeline) && bg {
         step("pipeline: the agent alone");
         Some(pipeline::run(&plan.pipeline, agent, &progress)?)
@@ -568,6 +597,7 @@ pub fn run(args: &Args) -> Result<()> {
         pipeline,
         fights,
         loop_run,
+        libvirt,
         memory: Vec::new(),
         targets: Vec::new(),
         trials,

@@ -333,7 +333,7 @@ pub fn run(
     let state = TempDir::on_tmpfs("bgb", "pipe-state")?;
     let dir = state.path.to_string_lossy().into_owned();
     let (tx, rx) = mpsc::channel();
-    let args = run_args(&dir, extra);
+    let args = run_args("br0", &dir, extra);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (agent, ready_line, _) = spawn_agent(&lab.lab.host, bin, &args, tx)?;
     let addr = metrics_addr(&ready_line).context("no metrics address in the ready line")?;

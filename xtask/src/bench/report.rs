@@ -243,6 +243,8 @@ pub struct Report {
     #[serde(default)]
     pub loop_run: Option<LoopRun>,
     #[serde(default)]
+    pub libvirt: Option<super::libvirt::LibvirtRun>,
+    #[serde(default)]
     pub memory: Vec<MemoryRun>,
     pub targets: Vec<Target>,
     pub trials: Vec<Trial>,
@@ -482,6 +484,7 @@ pub fn sample() -> Report {
             idle_rss_kib: Some(16_000),
             peak_rss_kib: Some(18_000),
         }],
+        libvirt: Some(super::libvirt::sample()),
         loop_run: Some(LoopRun {
             vms: 4,
             wait_s: 2.0,

@@ -178,6 +178,39 @@ fn loop_target(r: &Report) -> Target {
     )
 }
 
+/// Issue 14: libvirt's own restart of its network leaves the running guest's tap out; the
+/// agent must bring it back every time.
+fn libvirt_target(r: &Report) -> Target {
+    let l = r.libvirt.as_ref().filter(|l| l.skipped.is_none());
+    let bg: Vec<_> = l
+        .map(|l| {
+            l.trials
+                .iter()
+                .filter(|t| t.contender == Contender::BridgeGuard)
+                .collect()
+        })
+        .unwrap_or_default();
+    let healed: Vec<u64> = bg.iter().filter_map(|t| t.outage_ns).collect();
+    single(
+        "libvirt: a network restarted under a running guest gets its tap back, every time",
+        (!bg.is_empty()).then_some(healed.len() == bg.len()),
+        match super::stats::summary(&healed) {
+            _ if bg.is_empty() => r
+                .libvirt
+                .as_ref()
+                .and_then(|l| l.skipped.clone())
+                .unwrap_or_default(),
+            Some((_, _, max)) => format!(
+                "{} of {} restarts healed; the slowest {} after net-destroy",
+                healed.len(),
+                bg.len(),
+                human_ns(max)
+            ),
+            None => format!("none of {} restarts healed", bg.len()),
+        },
+    )
+}
+
 fn pipeline_targets(r: &Report) -> Vec<Target> {
     let Some(p) = &r.pipeline else {
         return Vec::new();
@@ -218,6 +251,7 @@ pub fn all(r: &Report) -> Vec<Target> {
     t.extend(paced_targets(r, n));
     t.push(memory_target(r));
     t.push(loop_target(r));
+    t.push(libvirt_target(r));
     t.extend(pipeline_targets(r));
     t
 }
@@ -258,6 +292,13 @@ mod tests {
         let l = verdict(t, "loop:");
         assert_eq!(l.met, Some(false));
         assert!(l.detail.contains("not blocked"));
+        let lv = verdict(t, "libvirt:");
+        assert_eq!(lv.met, Some(true));
+        assert!(
+            lv.detail.starts_with("2 of 2 restarts healed"),
+            "{}",
+            lv.detail
+        );
         assert!(t.iter().all(|t| !t.name.contains("idle agent CPU")));
     }
 
@@ -266,8 +307,9 @@ mod tests {
         let mut r = crate::bench::report::sample();
         r.fights.clear();
         r.loop_run = None;
+        r.libvirt = None;
         let t = all(&r);
-        for name in ["fighter: bridge-guard", "loop:"] {
+        for name in ["fighter: bridge-guard", "loop:", "libvirt:"] {
             let v = verdict(&t, name);
             assert_eq!(v.met, None, "{name}");
             assert_eq!(v.detail, "not measured in this run");

@@ -62,7 +62,7 @@ impl WatchedLab {
     ) -> Result<Running> {
         let running = Running::start(
             c,
-            (&self.lab.lab.host, &self.ports),
+            (&self.lab.lab.host, &self.lab.lab.bridge, &self.ports),
             (bin, extra),
             &mut self.obs,
             &mut self.lab.host,

@@ -273,7 +273,7 @@ fn run_mode(args: &Args, mode: Mode) -> Result<ModeResult> {
     let mut obs = Observer::start(&lab.lab.host.name, lab.bridge(), lab.lab.ports())?;
     obs.settle(QUIET, Duration::from_secs(30))?;
     let state = TempDir::new("bgs", &format!("state-{}", mode.key()))?;
-    let run = run_args(&state.path.to_string_lossy(), &mode.agent_args());
+    let run = run_args("br0", &state.path.to_string_lossy(), &mode.agent_args());
     let run: Vec<&str> = run.iter().map(String::as_str).collect();
     let (agent, ready, _) = spawn_agent(&lab.lab.host, &args.agent, &run, obs.sender())?;
     progress(&format!("{}: {ready}", mode.key()));

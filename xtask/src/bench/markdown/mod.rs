@@ -3,6 +3,7 @@
 //! costs, `vmtest` keeps the VM matrix's block of the document.
 
 mod churn;
+mod libvirt;
 mod paced;
 pub(crate) mod vmtest;
 
@@ -247,6 +248,13 @@ pub fn document(r: &Report, svg_name: Option<&str>) -> String {
             churn::guest_loop(r)
         );
     }
+    if r.libvirt.is_some() {
+        let _ = writeln!(
+            s,
+            "## libvirt: the network restarted under a running guest\n\n{}",
+            libvirt::section(r)
+        );
+    }
     if !r.cells.is_empty() {
         let _ = writeln!(s, "## Paced: one fault at a time\n{}", paced::results(r));
         if let Some(svg) = svg_name {
@@ -315,6 +323,12 @@ mod tests {
         assert!(doc.contains("| bridge-guard | 20000 | 1.00 ms | 100% | 3.0% | 4 | 0.8 | 2.00 ms | 1 | 17.6 MiB |"), "{doc}");
         assert!(doc.contains("**not blocked** within 700.0 ms"));
         assert!(doc.contains("| storm, 4 VMs | 16.4 MiB | 55.7 MiB |"));
+        // libvirt: the agent's two trials, the shell's one, and no guard's not healed.
+        assert!(
+            doc.contains("| bridge-guard | 2 | 0 | 128.0 ms | 131.0 ms | 131.0 ms | 8.00 ms | 11.0 ms | 90.0 ms |"),
+            "{doc}"
+        );
+        assert!(doc.contains("| none | 1 | **1** | not healed |"), "{doc}");
         let summary = summary(&r);
         assert!(summary.contains("Storm") && summary.contains("| target | met | detail |"));
     }
