@@ -524,9 +524,9 @@ impl Agent {
     fn next_wakeup(&self) -> Option<Instant> {
         let now = monotonic_ns();
         let at = self
-            .held
-            .values()
-            .filter_map(|(key, _)| self.limiter.wait_until(key, now))
+            .limiter
+            .next_slot(self.held.values().map(|(key, _)| key), now)
+            .into_iter()
             .chain(self.limiter.next_tick())
             .chain(self.lines.next_due())
             .chain(planner::settle_deadline(&self.model, now))

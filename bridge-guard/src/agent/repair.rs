@@ -258,11 +258,20 @@ impl Agent {
                 // The device went away under the repair (a bridge being deleted takes its
                 // ports with it): the notifications on their way say what is left to do.
                 Err(e) if e.errno() == Some(libc::ENODEV) => {
-                    tracing::info!(
-                        "repair overtaken: {}: {}",
-                        crate::error_chain(&e),
-                        sent.fault
-                    );
+                    // In a fight (a bridge recreated back to back), once per fight report.
+                    if quiet {
+                        tracing::info!(
+                            "repair overtaken: {}: {}",
+                            crate::error_chain(&e),
+                            sent.fault
+                        );
+                    } else {
+                        tracing::debug!(
+                            "repair overtaken: {}: {}",
+                            crate::error_chain(&e),
+                            sent.fault
+                        );
+                    }
                 }
                 // STP came back on between the STP-off and this: the plan sends STP-off again
                 // first.
