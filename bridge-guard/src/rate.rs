@@ -52,12 +52,9 @@ impl std::fmt::Display for Key {
 /// An ongoing fight over one key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Fight {
-    pub started: Ktime,
     pub last_repair: Ktime,
     /// Repairs made during the fight.
     pub repairs: u64,
-    /// Repairs that had to wait for a slot.
-    pub limited: u64,
     /// Who undid the repair last, where known.
     pub actor: Option<String>,
 }
@@ -72,8 +69,6 @@ pub struct BridgeFight {
     pub last_repair: Ktime,
     /// Repairs made during the fight, of every kind.
     pub repairs: u64,
-    /// Repairs that had to wait for a slot.
-    pub limited: u64,
     /// Who undid a repair last, where known.
     pub actor: Option<String>,
     /// Repairs since the fight was last reported.
@@ -162,7 +157,6 @@ impl RateLimiter {
         let mut joined = false;
         if let Some(f) = e.fight.as_mut() {
             f.repairs += 1;
-            f.limited += u64::from(waited);
             f.last_repair = now;
             if actor.is_some() {
                 f.actor.clone_from(&actor);
@@ -172,10 +166,8 @@ impl RateLimiter {
         } else {
             joined = true;
             e.fight = Some(Fight {
-                started: now,
                 last_repair: now,
                 repairs: 1,
-                limited: u64::from(waited),
                 actor: actor.clone(),
             });
         }
@@ -188,7 +180,6 @@ impl RateLimiter {
                 started: now,
                 last_repair: now,
                 repairs: 0,
-                limited: 0,
                 actor: None,
                 unreported: 0,
                 reported: now,
@@ -196,7 +187,6 @@ impl RateLimiter {
             });
         b.repairs += 1;
         b.unreported += u64::from(!started);
-        b.limited += u64::from(waited);
         b.last_repair = now;
         if actor.is_some() {
             b.actor = actor;

@@ -138,7 +138,7 @@ impl Agent {
         t.insert("failures".into(), self.failures.len());
         t.insert(
             "notification_prints".into(),
-            self.netlink.notifications.copies().1,
+            self.netlink.notifications.remembered(),
         );
         t
     }

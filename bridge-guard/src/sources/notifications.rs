@@ -34,12 +34,12 @@ const RTNLGRP_LINK: u32 = 1;
 const DATAGRAM: usize = 64 * 1024;
 /// Copies (see [`Unchanged`]) in a [`FLOOD_WINDOW`] that make a flood: 2000 a second, far
 /// above any real churn and far below a tool re-applying a setting flat out.
-const FLOOD_COPIES: u32 = 200;
+const FLOOD_COPIES: u64 = 200;
 const FLOOD_WINDOW: Duration = Duration::from_millis(100);
 /// During a flood of copies, the socket is read in batches this far apart instead of once
 /// per message: a real change behind the copies waits at most this long, and a flat-out
 /// fighter costs a read per batch rather than a wakeup per message.
-pub const FLOOD_PAUSE: Duration = Duration::from_millis(1);
+const FLOOD_PAUSE: Duration = Duration::from_millis(1);
 
 /// A subscribed link-notification socket.
 pub struct Notifications {
@@ -48,9 +48,9 @@ pub struct Notifications {
     /// Decoded from the last datagram, not yet taken.
     pending: VecDeque<NetlinkEvent>,
     unchanged: Unchanged,
-    /// Copies skipped since `window` began.
-    copies: u32,
+    /// When the flood window began, and how many copies had been skipped by then.
     window: tokio::time::Instant,
+    skipped_before: u64,
     /// In a flood: no read before this.
     paused_until: Option<tokio::time::Instant>,
 }
@@ -77,8 +77,8 @@ impl Notifications {
             buf: vec![0; DATAGRAM],
             pending: VecDeque::new(),
             unchanged: Unchanged::default(),
-            copies: 0,
             window: tokio::time::Instant::now(),
+            skipped_before: 0,
             paused_until: None,
         })
     }
@@ -89,9 +89,9 @@ impl Notifications {
         self.unchanged.forget();
     }
 
-    /// Notifications skipped as copies of their link's last one, and links remembered.
-    pub fn copies(&self) -> (u64, usize) {
-        (self.unchanged.skipped, self.unchanged.len())
+    /// Links whose last notification is remembered, for memory checks.
+    pub fn remembered(&self) -> usize {
+        self.unchanged.len()
     }
 
     /// The socket is empty: during a flood of copies, the next read waits a little.
@@ -99,39 +99,21 @@ impl Notifications {
         let now = tokio::time::Instant::now();
         if now.duration_since(self.window) >= FLOOD_WINDOW {
             self.window = now;
-            self.copies = 0;
-        } else if self.copies >= FLOOD_COPIES {
+            self.skipped_before = self.unchanged.skipped;
+        } else if self.unchanged.skipped - self.skipped_before >= FLOOD_COPIES {
             self.paused_until = Some(now + FLOOD_PAUSE);
         }
     }
 
     fn read(&mut self) -> io::Result<()> {
-        read_counted(
+        read(
             self.socket.as_raw_fd(),
             &mut self.buf,
             &mut self.pending,
             &mut self.unchanged,
-            &mut self.copies,
         )
     }
-}
 
-/// [`read`], counting the copies it skipped into `copies`.
-fn read_counted(
-    fd: RawFd,
-    buf: &mut [u8],
-    out: &mut VecDeque<NetlinkEvent>,
-    unchanged: &mut Unchanged,
-    copies: &mut u32,
-) -> io::Result<()> {
-    let before = unchanged.skipped;
-    let r = read(fd, buf, out, unchanged);
-    let n = unchanged.skipped - before;
-    *copies = copies.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
-    r
-}
-
-impl Notifications {
     /// The next notification the model needs, waiting for one. Cancel-safe: nothing is read
     /// but between the wait and the return.
     pub async fn recv(&mut self) -> io::Result<NetlinkEvent> {
@@ -144,12 +126,11 @@ impl Notifications {
                 self.paused_until = None;
             }
             let mut ready = self.socket.readable().await?;
-            let r = read_counted(
+            let r = read(
                 ready.get_ref().as_raw_fd(),
                 &mut self.buf,
                 &mut self.pending,
                 &mut self.unchanged,
-                &mut self.copies,
             );
             match r {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -40,7 +40,7 @@ ip link set $BR up
 "#;
 
 /// [`FIX_SCRIPT`] for `bridge`.
-pub fn fix_script(bridge: &str) -> String {
+fn fix_script(bridge: &str) -> String {
     FIX_SCRIPT.replace("BR=br0", &format!("BR={bridge}"))
 }
 

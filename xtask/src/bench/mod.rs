@@ -209,6 +209,8 @@ impl Plan {
         let q = a.quick;
         let quiet = Duration::from_millis(250);
         let repeat = a.repeat.unwrap_or(if q { 2 } else { 20 });
+        let none_repeat = a.none_repeat.unwrap_or(if q { 1 } else { 2 }).min(repeat);
+        let timeout = Duration::from_secs(a.timeout.unwrap_or(if q { 5 } else { 10 }));
         let mut parts: Vec<Part> = if a.only.is_empty() {
             Part::ALL.to_vec()
         } else {
@@ -246,16 +248,16 @@ impl Plan {
                 .unwrap_or_else(|| if q { vec![4] } else { vec![4, 64] }),
             paced: paced::Plan {
                 repeat,
-                none_repeat: a.none_repeat.unwrap_or(if q { 1 } else { 2 }).min(repeat),
-                timeout: Duration::from_secs(a.timeout.unwrap_or(if q { 5 } else { 10 })),
+                none_repeat,
+                timeout,
                 quiet,
                 spacing: Duration::from_millis(1100),
                 contenders: Vec::new(),
             },
             libvirt: libvirt::Plan {
                 repeat,
-                none_repeat: a.none_repeat.unwrap_or(if q { 1 } else { 2 }).min(repeat),
-                timeout: Duration::from_secs(a.timeout.unwrap_or(if q { 5 } else { 10 })),
+                none_repeat,
+                timeout,
                 quiet,
             },
             pipeline: pipeline::Plan {
