@@ -241,6 +241,17 @@ impl Model {
             .filter(|l| l.kind == LinkKind::Bridge)
     }
 
+    /// Whether bridge `bridge` has carrier. The kernel turns a bridge's carrier on and off in
+    /// the same call that moves its ports (`br_port_state_selection`: on while any port
+    /// forwards), but tells of it only from linkwatch, up to a second later, while the ports'
+    /// own states are told at once: so it is read off the ports, not off the bridge's flags.
+    pub fn bridge_carrier(&self, bridge: &LinkSnapshot) -> bool {
+        bridge.admin_up
+            && self
+                .ports_of(bridge.ifindex)
+                .any(|p| p.port_state == Some(PortState::Forwarding))
+    }
+
     /// The links enslaved to `bridge_ifindex`.
     pub fn ports_of(&self, bridge_ifindex: u32) -> impl Iterator<Item = &LinkSnapshot> {
         self.links
@@ -856,6 +867,31 @@ pub(crate) mod tests {
         assert_eq!(t[0].in_from_ns, Some(150));
         assert_eq!(t[0].outage_ns, Some(150));
         assert_eq!(m.track("vnet0").and_then(|t| t.outage_since), None);
+    }
+
+    #[test]
+    fn a_bridge_has_carrier_while_a_port_forwards_whatever_its_stale_flags_say() {
+        let mut links = lab();
+        links[0].carrier = false; // linkwatch has not told yet
+        links[1].port_state = Some(PortState::Listening);
+        let mut m = Model::new(["br0".to_owned()]);
+        m.reset(links, 0);
+        let carrier = |m: &Model| m.bridge("br0").is_some_and(|b| m.bridge_carrier(b));
+        assert!(!carrier(&m), "no port forwards");
+        m.apply_netlink(
+            NetlinkEvent::PortState {
+                ifindex: 9,
+                master: Some(7),
+                state: PortState::Forwarding,
+            },
+            1,
+        );
+        assert!(carrier(&m), "the kernel turned it on with the port");
+        m.apply_netlink(
+            NetlinkEvent::Link(link(9, "vnet0", LinkKind::Veth, None)),
+            2,
+        );
+        assert!(!carrier(&m), "its last port left");
     }
 
     #[test]

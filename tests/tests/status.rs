@@ -40,6 +40,8 @@ fn status_as_nobody_shows_the_bridges_and_exits_by_their_health() -> Result<()> 
     // --no-keep-up: a bridge set down stays down, so "unhealthy" lasts long enough to see.
     let agent = Agent::run(&lab.host, &["--bridge", "br0", "--no-keep-up"])?;
     lab.wait_healthy(WAIT)?;
+    // Healthy as soon as the port forwards: the bridge's carrier came on with it, although
+    // the kernel tells of that up to a second later (linkwatch).
     agent.wait_status("every port forwarding", WAIT, |s| {
         s["bridges"][0]["ports"][0]["state"] == "forwarding"
     })?;

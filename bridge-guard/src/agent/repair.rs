@@ -97,7 +97,7 @@ impl Agent {
             acc.on_bridge(
                 &g.bridge,
                 br.is_some(),
-                br.is_some_and(|b| b.carrier),
+                br.is_some_and(|b| self.model.bridge_carrier(b)),
                 br.and_then(|b| b.stp),
                 now,
             );

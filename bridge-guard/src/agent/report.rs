@@ -156,7 +156,7 @@ impl Agent {
                     name: g.bridge.clone(),
                     present: br.is_some(),
                     admin_up: br.is_some_and(|b| b.admin_up),
-                    carrier: br.is_some_and(|b| b.carrier),
+                    carrier: br.is_some_and(|b| self.model.bridge_carrier(b)),
                     stp: br
                         .and_then(|b| b.stp)
                         .map_or_else(String::new, |s| s.to_string()),
