@@ -32,6 +32,9 @@ const RTNLGRP_LINK: u32 = 1;
 /// One datagram at most: the kernel sends notifications up to a page (or 8 KiB) each, dump
 /// parts up to 32 KiB; nothing larger comes on this socket.
 const DATAGRAM: usize = 64 * 1024;
+/// Datagrams taken per read (`recvmmsg`): a flood costs a system call per batch, not per
+/// message. The buffer's pages that no message reached are never touched, so never resident.
+const BATCH: usize = 16;
 /// Copies (see [`Unchanged`]) in a [`FLOOD_WINDOW`] that make a flood: 2000 a second, far
 /// above any real churn and far below a tool re-applying a setting flat out.
 const FLOOD_COPIES: u64 = 200;
@@ -53,6 +56,8 @@ pub struct Notifications {
     skipped_before: u64,
     /// In a flood: no read before this.
     paused_until: Option<tokio::time::Instant>,
+    /// When a flood last paused reads.
+    flooded_at: Option<tokio::time::Instant>,
 }
 
 impl Notifications {
@@ -74,12 +79,13 @@ impl Notifications {
             unsafe { AsyncFd::register(socket) }.map_err(|e| NetlinkError::Socket(e.into()))?;
         Ok(Self {
             socket,
-            buf: vec![0; DATAGRAM],
+            buf: vec![0; BATCH * DATAGRAM],
             pending: VecDeque::new(),
             unchanged: Unchanged::default(),
             window: tokio::time::Instant::now(),
             skipped_before: 0,
             paused_until: None,
+            flooded_at: None,
         })
     }
 
@@ -102,7 +108,13 @@ impl Notifications {
             self.skipped_before = self.unchanged.skipped;
         } else if self.unchanged.skipped - self.skipped_before >= FLOOD_COPIES {
             self.paused_until = Some(now + FLOOD_PAUSE);
+            self.flooded_at = Some(now);
         }
+    }
+
+    /// Whether copies flood in now (they paused a read within the last [`FLOOD_WINDOW`]).
+    pub fn flooding(&self) -> bool {
+        self.flooded_at.is_some_and(|t| t.elapsed() < FLOOD_WINDOW)
     }
 
     fn read(&mut self) -> io::Result<()> {
@@ -155,16 +167,35 @@ impl Notifications {
     }
 }
 
-/// Reads one datagram and decodes its messages into `out`; a lost notification (ENOBUFS) is
-/// an [`NetlinkEvent::Overrun`].
+/// Reads what is queued, up to [`BATCH`] datagrams, and decodes their messages into `out`; a
+/// lost notification (ENOBUFS, or a datagram cut short) is an [`NetlinkEvent::Overrun`].
 fn read(
     fd: RawFd,
     buf: &mut [u8],
     out: &mut VecDeque<NetlinkEvent>,
     unchanged: &mut Unchanged,
 ) -> io::Result<()> {
-    // SAFETY: `buf` is valid for `buf.len()` bytes.
-    let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+    // SAFETY: all-zero iovecs and mmsghdrs are valid (null pointers, zero lengths).
+    let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+    let mut hdrs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+    for ((slot, v), h) in buf.chunks_exact_mut(DATAGRAM).zip(&mut iov).zip(&mut hdrs) {
+        v.iov_base = slot.as_mut_ptr().cast();
+        v.iov_len = slot.len();
+        h.msg_hdr.msg_iov = v;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    let slots = u32::try_from(buf.len() / DATAGRAM).unwrap_or(0);
+    // SAFETY: each header points at its own iovec, each iovec at its own part of `buf`, all
+    // alive and unaliased for the call; the kernel writes only within them.
+    let n = unsafe {
+        libc::recvmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            slots,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENOBUFS) {
@@ -175,8 +206,22 @@ fn read(
         }
         return Err(e);
     }
-    let n = usize::try_from(n).unwrap_or(0).min(buf.len());
-    let mut rest = &buf[..n];
+    let n = usize::try_from(n).unwrap_or(0);
+    for (slot, h) in buf.chunks_exact(DATAGRAM).zip(&hdrs).take(n) {
+        if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+            // Cut short, so lost: a dump has it.
+            unchanged.forget();
+            out.push_back(NetlinkEvent::Overrun);
+            continue;
+        }
+        let len = usize::try_from(h.msg_len).unwrap_or(0).min(slot.len());
+        decode_datagram(&slot[..len], out, unchanged);
+    }
+    Ok(())
+}
+
+/// Decodes one datagram's messages into `out`, skipping copies.
+fn decode_datagram(mut rest: &[u8], out: &mut VecDeque<NetlinkEvent>, unchanged: &mut Unchanged) {
     while rest.len() >= 16 {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if len < 16 || len > rest.len() {
@@ -204,5 +249,56 @@ fn read(
         let step = (len + 3) & !3;
         rest = rest.get(step..).unwrap_or_default();
     }
-    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+    use super::*;
+    use crate::sources::unchanged::tests::bridge;
+
+    /// A datagram socket pair: what one end sends, the other reads as it would netlink's.
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors.
+        let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };
+        assert_eq!(r, 0, "socketpair: {}", io::Error::last_os_error());
+        // SAFETY: both were just opened and are owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn send(fd: &OwnedFd, datagram: &[u8]) {
+        // SAFETY: `datagram` is valid for its length.
+        let n = unsafe { libc::send(fd.as_raw_fd(), datagram.as_ptr().cast(), datagram.len(), 0) };
+        assert_eq!(usize::try_from(n).ok(), Some(datagram.len()));
+    }
+
+    #[test]
+    fn reads_a_batch_per_call_and_a_datagram_cut_short_is_a_loss() {
+        let (tx, rx) = pair();
+        let copy = bridge(7, 1, 0, 0, 0);
+        for _ in 0..BATCH + 4 {
+            send(&tx, &copy);
+        }
+        let mut buf = vec![0; BATCH * DATAGRAM];
+        let (mut out, mut unchanged) = (VecDeque::new(), Unchanged::default());
+        read(rx.as_raw_fd(), &mut buf, &mut out, &mut unchanged).expect("a batch");
+        assert_eq!(
+            unchanged.skipped,
+            BATCH as u64 - 1,
+            "one call, a whole batch"
+        );
+        read(rx.as_raw_fd(), &mut buf, &mut out, &mut unchanged).expect("the rest");
+        assert_eq!(unchanged.skipped, BATCH as u64 + 3);
+        let e = read(rx.as_raw_fd(), &mut buf, &mut out, &mut unchanged).expect_err("empty");
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(out.len(), 1, "the first is news, the rest copies: {out:?}");
+        out.clear();
+
+        send(&tx, &vec![0; DATAGRAM + 1]);
+        read(rx.as_raw_fd(), &mut buf, &mut out, &mut unchanged).expect("cut short");
+        assert_eq!(out.pop_front(), Some(NetlinkEvent::Overrun));
+        assert_eq!(unchanged.len(), 0, "what was remembered may be stale now");
+    }
 }

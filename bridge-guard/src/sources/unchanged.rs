@@ -163,7 +163,7 @@ fn nlas(mut buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn nla(kind: u16, value: &[u8]) -> Vec<u8> {
@@ -176,7 +176,13 @@ mod tests {
 
     /// An RTM_NEWLINK of bridge `index` with STP `stp`, its hello timer at `timer` and its
     /// counters at `packets`.
-    fn bridge(index: i32, stp: u32, timer: u64, packets: u64, change: u32) -> Vec<u8> {
+    pub(in crate::sources) fn bridge(
+        index: i32,
+        stp: u32,
+        timer: u64,
+        packets: u64,
+        change: u32,
+    ) -> Vec<u8> {
         let data = [
             nla(2, &stp.to_ne_bytes()),    // IFLA_BR_STP_STATE
             nla(16, &timer.to_ne_bytes()), // IFLA_BR_HELLO_TIMER
