@@ -46,6 +46,10 @@ use self::repair::Requests;
 
 /// How long published state may lag the model: coalesces bursts of changes into one write.
 const PUBLISH_DELAY: Duration = Duration::from_millis(5);
+/// The least time between two writes of published state: a fight changes the model every
+/// millisecond, and a state file rewritten 200 times a second costs more than the fight's
+/// repairs (every write is a create, a write and a rename).
+const PUBLISH_GAP: Duration = Duration::from_millis(50);
 /// How often the state file is rewritten even when nothing changed: `status` judges a state
 /// file older than a few of these as left by an agent that is not running.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -411,6 +415,7 @@ impl Agent {
         let mut batch = Vec::new();
         let mut notices = Vec::new();
         let mut publish_at: Option<Instant> = None;
+        let mut published = Instant::now();
         // The state file's timestamp is the agent's heartbeat for `status`.
         let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT, HEARTBEAT);
         let mut reloaded = None;
@@ -443,6 +448,7 @@ impl Agent {
                 }
                 () = sleep_until(publish_at) => {
                     publish_at = None;
+                    published = Instant::now();
                     self.publish();
                     continue;
                 }
@@ -452,6 +458,7 @@ impl Agent {
                 }
                 _ = heartbeat.tick() => {
                     self.dirty = true;
+                    published = Instant::now();
                     self.publish();
                     // What a burst (a flood, thousands of taps) made the heap grow by goes
                     // back to the system, off the hot path.
@@ -512,7 +519,7 @@ impl Agent {
             // Publishing (state file, textfile) waits a little and coalesces: it must never
             // sit between a fault's notifications and their repair.
             if self.dirty && publish_at.is_none() {
-                publish_at = Some(Instant::now() + PUBLISH_DELAY);
+                publish_at = Some((Instant::now() + PUBLISH_DELAY).max(published + PUBLISH_GAP));
             }
         }
         self.shut_down();
