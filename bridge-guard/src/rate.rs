@@ -23,6 +23,14 @@ pub const RATE_PER_SEC: u64 = 1000;
 pub const BURST: u64 = 50;
 /// Slot spacing.
 const INTERVAL_NS: u64 = 1_000_000_000 / RATE_PER_SEC;
+/// Repairs a second a key that fights may make while link notifications flood with copies of
+/// one message (a tool re-applying a setting flat out, see `sources::unchanged`). Such a
+/// fighter undoes a repair within microseconds whatever its rate, so a faster one buys no
+/// forwarding, only CPU (each repair is a request the kernel answers with notifications to
+/// every listener). Still more than the 20 a second every repair is owed, and a slot of
+/// 20 ms, within the 100 ms a repair may wait.
+pub const FLOOD_RATE_PER_SEC: u64 = 50;
+const FLOOD_INTERVAL_NS: u64 = 1_000_000_000 / FLOOD_RATE_PER_SEC;
 /// A repair needed again within this time of the previous one repeats it.
 const REPEAT_NS: u64 = 1_000_000_000;
 /// Repeats in a row that make a fight.
@@ -113,6 +121,8 @@ pub struct RateLimiter {
     entries: BTreeMap<Key, Entry>,
     /// Fights by bridge, for the log.
     bridges: BTreeMap<String, BridgeFight>,
+    /// Notifications flood with copies: fights go at [`FLOOD_RATE_PER_SEC`].
+    flood: bool,
 }
 
 const TOLERANCE_NS: u64 = (BURST - 1) * INTERVAL_NS;
@@ -150,7 +160,12 @@ impl RateLimiter {
         actor: Option<String>,
     ) -> Option<Report> {
         let e = self.entries.entry(key.clone()).or_default();
-        e.tat = e.tat.max(now) + INTERVAL_NS;
+        let interval = if self.flood && e.fight.is_some() {
+            FLOOD_INTERVAL_NS
+        } else {
+            INTERVAL_NS
+        };
+        e.tat = e.tat.max(now) + interval;
         let repeat = e.last != 0 && now.saturating_sub(e.last) < REPEAT_NS;
         e.repeats = if repeat { e.repeats + 1 } else { 0 };
         e.last = now;
@@ -200,6 +215,11 @@ impl RateLimiter {
         } else {
             joined.then(|| Report::Joined { key: key.clone() })
         }
+    }
+
+    /// Says whether link notifications flood with copies now.
+    pub fn set_flood(&mut self, flood: bool) {
+        self.flood = flood;
     }
 
     /// Whether `key` is in a fight (its repairs are then not logged one by one).
@@ -326,6 +346,32 @@ mod tests {
         assert_eq!(made, BURST + 60 * RATE_PER_SEC - 1);
         assert!(longest <= INTERVAL_NS, "longest wait {longest} ns");
         const { assert!(INTERVAL_NS <= 100 * MS) };
+    }
+
+    #[test]
+    fn a_fight_in_a_flood_of_copies_goes_slower_but_still_owed_its_rate() {
+        let mut r = RateLimiter::default();
+        r.set_flood(true);
+        let (made, longest) = flat_out(&mut r, 1, 10, MS / 10);
+        // A fight after its first repeats, then 50 a second (the burst's tolerance spent in a
+        // few repairs of 20 ms slots).
+        assert!(
+            (10 * FLOOD_RATE_PER_SEC..=10 * FLOOD_RATE_PER_SEC + 10).contains(&made),
+            "{made} repairs in 10 s"
+        );
+        assert!(longest <= FLOOD_INTERVAL_NS, "longest wait {longest} ns");
+        const { assert!(FLOOD_RATE_PER_SEC >= 20 && FLOOD_INTERVAL_NS <= 100 * MS) };
+        // The flood over, the fight goes at full rate again.
+        r.set_flood(false);
+        let (made, _) = flat_out(&mut r, 1 + 10_000 * MS, 1, MS / 10);
+        // (after the last slow slot, at most 20 ms)
+        let lost = FLOOD_INTERVAL_NS / INTERVAL_NS;
+        assert!(made >= RATE_PER_SEC - lost, "{made} in the second after");
+        // A repair that does not fight is never slowed by a flood.
+        let mut calm = RateLimiter::default();
+        calm.set_flood(true);
+        assert_eq!(calm.record(&key(), 5 * MS, false, None), None);
+        assert_eq!(calm.wait_until(&key(), 5 * MS + INTERVAL_NS), None);
     }
 
     #[test]

@@ -79,6 +79,8 @@ impl Agent {
     /// accounted and logged, after their repairs went out.
     pub(super) fn step(&mut self, woke: Ktime, trigger: Trigger) {
         let now = monotonic_ns();
+        self.limiter
+            .set_flood(self.netlink.notifications.flooding());
         for r in self.limiter.tick(now) {
             self.report_fight(&r);
         }
