@@ -293,8 +293,24 @@ fn thousands_of_taps_made_and_deleted_leave_nothing_behind() -> anyhow::Result<(
         return Ok(());
     }
     let (lab, agent) = guarded("taps")?;
-    let tables_before = tables(&agent.status()?);
+    // The baseline is the agent's settled picture, not the kernel's: its state is published
+    // up to 50 ms after a change, and the start's eBPF stamps wait for netlink to confirm
+    // them, so a status read the moment the kernel looks healthy can show the start's
+    // repairs half done.
+    let settled =
+        agent.wait_status("br0's three ports forwarding, nothing pending", HEAL, |s| {
+            let ports = &s["bridges"][0]["ports"];
+            let forwarding = ports
+                .as_array()
+                .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["state"] == "forwarding"));
+            forwarding && s["tables"]["model.stamps"] == 0 && s["tables"]["model.memberships"] == 0
+        })?;
+    let tables_before = tables(&settled);
     let series_before = series(&scrape(&lab, &agent)?);
+    ensure!(
+        series_before.iter().any(|s| s.contains("port=vnet0")),
+        "no per-port series for vnet0 before the churn: {series_before:?}"
+    );
     let taps = churn_taps();
     // Twice: the first round may raise the allocator's high-water mark (and does more when
     // other tests load the machine); what a leak adds, the second round adds again.
