@@ -297,14 +297,13 @@ fn thousands_of_taps_made_and_deleted_leave_nothing_behind() -> anyhow::Result<(
     // up to 50 ms after a change, and the start's eBPF stamps wait for netlink to confirm
     // them, so a status read the moment the kernel looks healthy can show the start's
     // repairs half done.
-    let settled =
-        agent.wait_status("br0's three ports forwarding, nothing pending", HEAL, |s| {
-            let ports = &s["bridges"][0]["ports"];
-            let forwarding = ports
-                .as_array()
-                .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["state"] == "forwarding"));
-            forwarding && s["tables"]["model.stamps"] == 0 && s["tables"]["model.memberships"] == 0
-        })?;
+    let vms = lab.vms.len();
+    let settled = agent.wait_status("every VM port forwarding, nothing pending", HEAL, |s| {
+        let forwarding = s["bridges"][0]["ports"]
+            .as_array()
+            .is_some_and(|p| p.len() == vms && p.iter().all(|p| p["state"] == "forwarding"));
+        forwarding && s["tables"]["model.stamps"] == 0 && s["tables"]["model.memberships"] == 0
+    })?;
     let tables_before = tables(&settled);
     let series_before = series(&scrape(&lab, &agent)?);
     ensure!(
