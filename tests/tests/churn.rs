@@ -216,6 +216,91 @@ fn a_flat_out_fighter_costs_bounded_cpu_and_logs_and_loses_when_it_stops() -> an
     Ok(())
 }
 
+/// A fighter re-enabling STP flat out in the background until dropped (then stopped and
+/// waited for).
+struct Fighter {
+    child: std::process::Child,
+    stop: std::path::PathBuf,
+}
+
+impl Fighter {
+    fn start(lab: &VmLab) -> anyhow::Result<Self> {
+        let stop = std::env::temp_dir().join(format!("{PREFIX}-fighter-{}", std::process::id()));
+        let _ = std::fs::remove_file(&stop);
+        let script = format!(
+            "while [ ! -e {stop} ]; do \
+             for i in $(seq 1000); do echo link set br0 type bridge stp_state 1; done \
+             | ip -n {ns} -batch - || exit 1; done",
+            stop = stop.display(),
+            ns = lab.host.name
+        );
+        // Bounded even if the test dies without dropping it.
+        let child = Command::new("timeout")
+            .args(["60", "sh", "-c", &script])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting the fighter")?;
+        Ok(Self { child, stop })
+    }
+
+    fn running(&mut self) -> anyhow::Result<bool> {
+        Ok(self.child.try_wait()?.is_none())
+    }
+}
+
+impl Drop for Fighter {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.stop, b"");
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stop);
+    }
+}
+
+/// While a fighter floods the bridge's notifications with copies, the agent has the kernel
+/// drop them and polls the bridge instead: a change that no notification tells (the bridge set
+/// down in the middle of the flood) must still be seen and repaired.
+#[test]
+fn a_bridge_set_down_while_its_notifications_flood_is_raised() -> anyhow::Result<()> {
+    if skip_unless_root("a_bridge_set_down_while_its_notifications_flood_is_raised") {
+        return Ok(());
+    }
+    let (lab, mut agent) = guarded("muffled")?;
+    let mut fighter = Fighter::start(&lab)?;
+    agent.wait_log(
+        "the flood's notifications dropped in the kernel",
+        HEAL,
+        |l| l.contains("flood with copies") && l.contains("dropped in the kernel"),
+    )?;
+    lab.host.ip("link set br0 down")?;
+    lab.wait_until("br0 up again during the flood", HEAL, |lab| {
+        let flags = lab.host.ip("-j link show br0")?;
+        Ok((!flags.contains("\"UP\"")).then(|| format!("br0 is down: {flags}")))
+    })?;
+    ensure!(
+        fighter.running()?,
+        "the fighter ended before br0 was up again: the repair was not made during the flood"
+    );
+    drop(fighter);
+    healthy(&lab)?;
+    let raised = repairs(&lab, &agent, "bridge_up")?;
+    ensure!(
+        raised >= 1,
+        "no bridge_up repair counted; log:\n{}",
+        agent.log_text()
+    );
+    // Seen by a poll while the link was muffled, not when the filter let its notifications
+    // through again (`release`, a second or more later).
+    let line = agent.wait_logged("the bridge_up repair's line", HEAL, |l| {
+        l.contains("repaired: set br0 up")
+    })?;
+    ensure!(
+        line.contains(r#"trigger="poll""#) || line.contains(r#""trigger":"poll""#),
+        "br0 was not raised on a poll while muffled: {line}"
+    );
+    lab.guests_talk(0, 2, TALK)?;
+    Ok(())
+}
+
 /// How many taps [`thousands_of_taps_made_and_deleted_leave_nothing_behind`] churns:
 /// `$BRIDGE_GUARD_CHURN_TAPS`, default 10,000 (slow emulated guests may ask for fewer).
 fn churn_taps() -> u32 {

@@ -6,9 +6,11 @@
 //! bounded rate (`rate`). Requests are never awaited in the loop: a plan's requests go out
 //! together as one future whose answers are news like any other, each bounded by a timeout.
 //!
+//! - `polls`: links whose notifications flood with copies, muffled in the kernel and polled;
 //! - `repair`: planning, sending, answers, fights;
 //! - `report`: transition logs, summaries, `status`, publishing.
 
+mod polls;
 mod repair;
 mod report;
 
@@ -42,7 +44,10 @@ use crate::{
     sys::{clock::monotonic_ns, last_hour::LastHour, notify::Notifier},
 };
 
-use self::repair::Requests;
+use self::{
+    polls::{Polled, Polls, Taken},
+    repair::Requests,
+};
 
 /// How long published state may lag the model: coalesces bursts of changes into one write.
 const PUBLISH_DELAY: Duration = Duration::from_millis(5);
@@ -143,6 +148,11 @@ pub struct Agent {
     status_to: Option<(Arc<Notifier>, String)>,
     /// Configuration reloads (see [`Agent::reloads`]).
     reloads: Option<tokio::sync::mpsc::Receiver<Reload>>,
+    /// Links muffled for a flood of copies, polled instead.
+    polls: Polls,
+    /// Repairs of muffled links, answered by the kernel, waiting for a poll to show their
+    /// effect: link, when answered, the answer.
+    awaiting_poll: Vec<(u32, Ktime, repair::Answer)>,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -179,7 +189,9 @@ impl Agent {
     /// Opens netlink and, if asked, attaches the eBPF hooks (falling back to netlink alone
     /// with a warning when they cannot be had).
     pub fn start(cfg: Config) -> Result<Self, AgentError> {
-        let netlink = Netlink::open()?;
+        let mut netlink = Netlink::open()?;
+        netlink.notifications.muffle_floods();
+        let polls = Polls::new(netlink.handle.clone());
         let mut probes = None;
         let mut events = None;
         if cfg.ebpf {
@@ -245,6 +257,8 @@ impl Agent {
             recent_repairs: LastHour::default(),
             status_to: None,
             reloads: None,
+            polls,
+            awaiting_poll: Vec::new(),
         };
         let hooks = agent.probes.as_ref().map_or_else(Vec::new, |p| {
             p.hooks
@@ -422,6 +436,7 @@ impl Agent {
         loop {
             let wake = self.next_wakeup();
             let mut answers = None;
+            let mut polled = None;
             let ebpf_next = async {
                 match self.events.as_mut() {
                     Some(ev) => ev.next_batch(&mut batch, ring::BATCH).await,
@@ -476,6 +491,7 @@ impl Agent {
                     reloaded = Some(r.done);
                 }
                 Some(a) = self.requests.next(), if !self.requests.is_empty() => answers = Some(a),
+                Some(p) = self.polls.next(), if !self.polls.is_empty() => polled = Some(p),
                 r = ebpf_next => r.map_err(AgentError::Ring)?,
                 ev = self.netlink.notifications.recv() => {
                     notices.push(ev.map_err(AgentError::Notifications)?);
@@ -492,6 +508,7 @@ impl Agent {
             if let Some(a) = answers {
                 self.take_answers(a, woke);
             }
+            let polled = self.tend_polls(polled);
             if let Some((at, reason)) = self.resync_later {
                 if at <= Instant::now() {
                     self.resync_later = None;
@@ -511,7 +528,8 @@ impl Agent {
             }
             self.step(
                 woke,
-                news.unwrap_or(if resynced { "resync" } else { "timer" }),
+                news.or(polled)
+                    .unwrap_or(if resynced { "resync" } else { "timer" }),
             );
             if let Some(done) = reloaded.take() {
                 let _ = done.send(self.status_line());
@@ -541,7 +559,52 @@ impl Agent {
             .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
         at.into_iter()
             .chain(self.resync_later.map(|(t, _)| t))
+            .chain(self.polls.next_due())
+            .chain(self.netlink.notifications.next_release())
             .min()
+    }
+
+    /// Muffled links: a poll's answer applied (the turn's news, returned), releases due made
+    /// (each polled once, after the filter let its notifications through again), due polls
+    /// sent.
+    fn tend_polls(&mut self, polled: Option<Polled>) -> Option<repair::Trigger> {
+        let mut news = None;
+        match polled.map(|p| self.polls.take(p)) {
+            Some(Taken::Fresh(link, why)) => {
+                let ifindex = link.ifindex;
+                let t = self
+                    .model
+                    .apply_netlink(NetlinkEvent::Link(link), monotonic_ns());
+                self.record_transitions(&t);
+                self.take_awaiting_poll(ifindex);
+                news = Some(why);
+            }
+            Some(Taken::Nothing(ifindex)) => self.take_awaiting_poll(ifindex),
+            Some(Taken::Stale) | None => {}
+        }
+        for (ifindex, copies) in self.netlink.notifications.take_floods() {
+            let name = self
+                .model
+                .link(ifindex)
+                .map_or_else(|| format!("link {ifindex}"), |l| l.name.clone());
+            tracing::info!(
+                link = %name,
+                copies,
+                "notifications of {name} flood with copies ({copies} in {:?}): dropped in the \
+                 kernel while the flood lasts, and {name} polled every {:?} instead",
+                crate::sources::notifications::FLOOD_WINDOW,
+                polls::POLL_EVERY
+            );
+        }
+        let now = Instant::now();
+        let released = self.netlink.notifications.release_due(now);
+        self.polls.follow(self.netlink.notifications.muffled(), now);
+        for l in released {
+            tracing::debug!(ifindex = l, "a muffled link's notifications are read again");
+            self.polls.ask(l, "release");
+        }
+        self.polls.ask_due(now);
+        news
     }
 
     /// Takes the news both sources queued (bounded per turn) and applies it: eBPF first, as
@@ -592,6 +655,9 @@ impl Agent {
             match ev {
                 Ok(ev) => {
                     tracing::debug!(%ev, "kernel event");
+                    let at = monotonic_ns();
+                    self.polls.touched(ev.bridge_ifindex, at);
+                    self.polls.touched(ev.port_ifindex, at);
                     let t = self.model.apply_kernel(&ev);
                     self.record_transitions(&t);
                 }

@@ -23,8 +23,9 @@ use crate::{
 const FAILURE_LOG_EVERY_NS: u64 = 10_000_000_000;
 
 /// Whose news a repair was planned on, for its log line: `ebpf` when the turn held eBPF
-/// events (applied first), else `netlink`; `resync` (a dump) or `timer` (a held repair's slot,
-/// an answer) when neither source had news.
+/// events (applied first), else `netlink`; `poll` or `release` (a muffled link fetched, see
+/// `polls`), `resync` (a dump) or `timer` (a held repair's slot, an answer) when neither
+/// source had news.
 pub(super) type Trigger = &'static str;
 
 /// A repair sent, with what it is for.
@@ -41,7 +42,7 @@ pub(super) struct Sent {
     woke: Ktime,
 }
 
-type Answer = (Sent, Result<Applied, ActuatorError>);
+pub(super) type Answer = (Sent, Result<Applied, ActuatorError>);
 
 /// The requests of one plan, answered together.
 pub(super) type Requests = BoxFuture<'static, Vec<Answer>>;
@@ -207,95 +208,130 @@ impl Agent {
     }
 
     /// What the kernel answered. The notifications a repair caused were queued before its
-    /// answer and have been applied, so the model already shows whether it took.
+    /// answer and have been applied, so the model already shows whether it took; for a muffled
+    /// link, which has none, the answer waits for a poll.
     pub(super) fn take_answers(&mut self, answers: Vec<Answer>, acked: Ktime) {
         for (sent, result) in answers {
-            self.in_flight.remove(&sent.key);
-            let action = &sent.action;
-            let rk = rate_key(action);
-            let quiet = !self.limiter.fighting(&rk);
-            match result {
-                Ok(Applied::Done) => {
-                    self.loops.applied(action);
-                    self.acc().on_repair(
-                        action.bridge(),
-                        action.port(),
-                        action.kind(),
-                        true,
-                        acked.saturating_sub(sent.woke),
-                    );
-                    *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
-                    self.recent_repairs.record(acked);
-                    self.failures.remove(&sent.key);
-                    self.dirty = true;
-                    if !action.done(&self.model) {
-                        tracing::debug!("{action}: acknowledged, and undone again already");
-                    } else if quiet {
-                        let outage = sent.outage_since.map_or_else(String::new, |t| {
-                            format!("; out for {:.3} ms", acked.saturating_sub(t) as f64 / 1e6)
-                        });
-                        tracing::info!(
-                            bridge = action.bridge(),
-                            action = action.kind(),
-                            latency_us = acked.saturating_sub(sent.woke) / 1000,
-                            trigger = sent.trigger,
-                            planned_ns = sent.planned,
-                            "repaired: {action}: {}{outage}",
-                            sent.fault
-                        );
-                    } else {
-                        tracing::debug!("repaired again: {action}: {}", sent.fault);
-                    }
+            if matches!(result, Ok(Applied::Done)) {
+                if let Some(ifindex) = self.muffled_link_of(&sent.action) {
+                    // No notification shows what it did: answered once a poll does, in flight
+                    // (not planned again) until then. A poll already out is older news.
+                    self.polls.touched(ifindex, monotonic_ns());
+                    self.polls.ask(ifindex, "poll");
+                    self.awaiting_poll.push((ifindex, acked, (sent, result)));
+                    continue;
                 }
-                // The port has a master again (`ip link set P master OTHER` detaches it for a
-                // moment). Not applied to the model: this answer may be older than the
-                // notifications already applied, and the one for that master is on its way.
-                Ok(Applied::Stale(fresh)) => {
+            }
+            self.take_answer(&sent, result, acked);
+        }
+    }
+
+    /// The link a repair changes (the port, for port repairs), if it is muffled.
+    fn muffled_link_of(&self, action: &Action) -> Option<u32> {
+        let name = action.port().unwrap_or(action.bridge());
+        self.model
+            .link_by_name(name)
+            .map(|l| l.ifindex)
+            .filter(|i| self.polls.muffled(*i))
+    }
+
+    /// The answers that waited for a poll of `ifindex`, taken now that the model has it.
+    pub(super) fn take_awaiting_poll(&mut self, ifindex: u32) {
+        let (due, rest) = std::mem::take(&mut self.awaiting_poll)
+            .into_iter()
+            .partition(|(i, ..)| *i == ifindex);
+        self.awaiting_poll = rest;
+        for (_, acked, (sent, result)) in due {
+            self.take_answer(&sent, result, acked);
+        }
+    }
+
+    fn take_answer(&mut self, sent: &Sent, result: Result<Applied, ActuatorError>, acked: Ktime) {
+        self.in_flight.remove(&sent.key);
+        let action = &sent.action;
+        let rk = rate_key(action);
+        let quiet = !self.limiter.fighting(&rk);
+        match result {
+            Ok(Applied::Done) => {
+                self.loops.applied(action);
+                self.acc().on_repair(
+                    action.bridge(),
+                    action.port(),
+                    action.kind(),
+                    true,
+                    acked.saturating_sub(sent.woke),
+                );
+                *self.repairs.entry(action.bridge().to_owned()).or_default() += 1;
+                self.recent_repairs.record(acked);
+                self.failures.remove(&sent.key);
+                self.dirty = true;
+                if !action.done(&self.model) {
+                    tracing::debug!("{action}: acknowledged, and undone again already");
+                } else if quiet {
+                    let outage = sent.outage_since.map_or_else(String::new, |t| {
+                        format!("; out for {:.3} ms", acked.saturating_sub(t) as f64 / 1e6)
+                    });
+                    tracing::info!(
+                        bridge = action.bridge(),
+                        action = action.kind(),
+                        latency_us = acked.saturating_sub(sent.woke) / 1000,
+                        trigger = sent.trigger,
+                        planned_ns = sent.planned,
+                        "repaired: {action}: {}{outage}",
+                        sent.fault
+                    );
+                } else {
+                    tracing::debug!("repaired again: {action}: {}", sent.fault);
+                }
+            }
+            // The port has a master again (`ip link set P master OTHER` detaches it for a
+            // moment). Not applied to the model: this answer may be older than the
+            // notifications already applied, and the one for that master is on its way.
+            Ok(Applied::Stale(fresh)) => {
+                tracing::debug!(
+                    "not applied, the kernel moved on: {action} ({} has master {:?})",
+                    fresh.name,
+                    fresh.master
+                );
+            }
+            // The device went away under the repair (a bridge being deleted takes its
+            // ports with it): the notifications on their way say what is left to do.
+            Err(e) if e.errno() == Some(libc::ENODEV) => {
+                // In a fight (a bridge recreated back to back), once per fight report.
+                if quiet {
+                    tracing::info!(
+                        "repair overtaken: {}: {}",
+                        crate::error_chain(&e),
+                        sent.fault
+                    );
+                } else {
                     tracing::debug!(
-                        "not applied, the kernel moved on: {action} ({} has master {:?})",
-                        fresh.name,
-                        fresh.master
+                        "repair overtaken: {}: {}",
+                        crate::error_chain(&e),
+                        sent.fault
                     );
                 }
-                // The device went away under the repair (a bridge being deleted takes its
-                // ports with it): the notifications on their way say what is left to do.
-                Err(e) if e.errno() == Some(libc::ENODEV) => {
-                    // In a fight (a bridge recreated back to back), once per fight report.
-                    if quiet {
-                        tracing::info!(
-                            "repair overtaken: {}: {}",
-                            crate::error_chain(&e),
-                            sent.fault
-                        );
-                    } else {
-                        tracing::debug!(
-                            "repair overtaken: {}: {}",
-                            crate::error_chain(&e),
-                            sent.fault
-                        );
-                    }
-                }
-                // STP came back on between the STP-off and this: the plan sends STP-off again
-                // first.
-                Err(e) if e.errno() == Some(libc::EBUSY) && action.kind() == "force_forwarding" => {
-                    tracing::debug!(
-                        "repair overtaken by STP turned on again: {}",
-                        crate::error_chain(&e)
-                    );
-                }
-                Err(e) if e.timed_out() => {
-                    tracing::warn!(
-                        "{}: abandoned; resyncing from a dump",
-                        crate::error_chain(&e)
-                    );
-                    self.acc().on_unconfirmed(action.bridge(), action.kind());
-                    self.request_resync("request_timeout");
-                }
-                Err(e) => {
-                    self.acc()
-                        .on_repair(action.bridge(), action.port(), action.kind(), false, 0);
-                    self.log_failure(&sent, &e, acked);
-                }
+            }
+            // STP came back on between the STP-off and this: the plan sends STP-off again
+            // first.
+            Err(e) if e.errno() == Some(libc::EBUSY) && action.kind() == "force_forwarding" => {
+                tracing::debug!(
+                    "repair overtaken by STP turned on again: {}",
+                    crate::error_chain(&e)
+                );
+            }
+            Err(e) if e.timed_out() => {
+                tracing::warn!(
+                    "{}: abandoned; resyncing from a dump",
+                    crate::error_chain(&e)
+                );
+                self.acc().on_unconfirmed(action.bridge(), action.kind());
+                self.request_resync("request_timeout");
+            }
+            Err(e) => {
+                self.acc()
+                    .on_repair(action.bridge(), action.port(), action.kind(), false, 0);
+                self.log_failure(sent, &e, acked);
             }
         }
     }

@@ -2,6 +2,7 @@
 
 pub mod ebpf;
 pub mod link_watch;
+pub mod muffle;
 pub mod netlink;
 pub mod notifications;
 pub mod unchanged;

@@ -11,7 +11,7 @@
 //! request's effect.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     io,
     os::fd::{AsRawFd as _, RawFd},
     time::Duration,
@@ -23,6 +23,7 @@ use netlink_sys::{Socket, protocols::NETLINK_ROUTE};
 use tokio::io::unix::AsyncFd;
 
 use super::{
+    muffle,
     netlink::{NetlinkError, NetlinkEvent, decode, grow_rx_buffer},
     unchanged::Unchanged,
 };
@@ -41,11 +42,29 @@ const BATCH: usize = 16;
 /// (the bench's storm: a bridge set down ~1000 times a second), send a few thousand: at 2000
 /// a second they counted as a flood, and its paced repairs made their p99 21 ms, not 2 ms.
 const FLOOD_COPIES: u64 = 1000;
-const FLOOD_WINDOW: Duration = Duration::from_millis(100);
+pub const FLOOD_WINDOW: Duration = Duration::from_millis(100);
 /// During a flood of copies, the socket is read in batches this far apart instead of once
 /// per message: a real change behind the copies waits at most this long, and a flat-out
 /// fighter costs a read per batch rather than a wakeup per message.
 const FLOOD_PAUSE: Duration = Duration::from_millis(1);
+/// Copies of one link in a flood's window that get it muffled (`muffle`): half the flood. The
+/// storm's copies are spread over its links; a fighter's all fall on the link it fights over.
+const LINK_FLOOD_COPIES: u64 = FLOOD_COPIES / 2;
+/// How long a link stays muffled before its notifications are read again. If the flood goes
+/// on, the link is muffled again after another [`LINK_FLOOD_COPIES`] (a few ms of a
+/// fighter's) and held twice as long, up to [`MUFFLE_HOLD_MAX`]: a long fight costs its
+/// copies a few ms every few seconds. When the flood is over, news comes as before.
+const MUFFLE_HOLD: Duration = Duration::from_secs(1);
+const MUFFLE_HOLD_MAX: Duration = Duration::from_secs(8);
+/// A link muffled again this soon after its release is still in the same flood.
+const SAME_FLOOD: Duration = Duration::from_millis(500);
+
+/// A muffled link: since when, and for how long.
+#[derive(Clone, Copy, Debug)]
+struct Muffled {
+    since: tokio::time::Instant,
+    hold: Duration,
+}
 
 /// A subscribed link-notification socket.
 pub struct Notifications {
@@ -61,6 +80,13 @@ pub struct Notifications {
     paused_until: Option<tokio::time::Instant>,
     /// When a flood last paused reads.
     flooded_at: Option<tokio::time::Instant>,
+    /// Links muffled; `None`: muffling is off (not asked for, or the kernel refused the
+    /// filter).
+    muffled: Option<BTreeMap<u32, Muffled>>,
+    /// Links released lately, as they were when released: muffled again soon, held longer.
+    released: BTreeMap<u32, Muffled>,
+    /// Floods that began since the last [`Notifications::take_floods`]: link, copies.
+    floods: Vec<(u32, u64)>,
 }
 
 impl Notifications {
@@ -89,7 +115,29 @@ impl Notifications {
             skipped_before: 0,
             paused_until: None,
             flooded_at: None,
+            muffled: None,
+            released: BTreeMap::new(),
+            floods: Vec::new(),
         })
+    }
+
+    /// Muffles links whose notifications flood with copies from now on: the kernel drops
+    /// their new-link messages, and the caller polls them ([`Notifications::muffled`]) and
+    /// releases them ([`Notifications::release_due`]). Tried first: without socket filters
+    /// (a sandbox that forbids them), copies are read and skipped as before.
+    pub fn muffle_floods(&mut self) {
+        let fd = self.socket.as_raw_fd();
+        match muffle::set(fd, &[0]).and_then(|()| muffle::set(fd, &[])) {
+            Ok(()) => {
+                tracing::info!(
+                    "notification floods: a link's copies are dropped in the kernel (socket filter)"
+                );
+                self.muffled = Some(BTreeMap::new());
+            }
+            Err(e) => tracing::info!(
+                "notification floods: copies are read and skipped (no socket filter: {e})"
+            ),
+        }
     }
 
     /// Forgets what the last notifications said (after a dump): a message like one of them is
@@ -103,21 +151,115 @@ impl Notifications {
         self.unchanged.len()
     }
 
-    /// The socket is empty: during a flood of copies, the next read waits a little.
+    /// The socket is empty: during a flood of copies, the next read waits a little, and the
+    /// links the copies are of get muffled.
     fn drained(&mut self) {
         let now = tokio::time::Instant::now();
         if now.duration_since(self.window) >= FLOOD_WINDOW {
             self.window = now;
             self.skipped_before = self.unchanged.skipped;
+            self.unchanged.count_afresh();
         } else if self.unchanged.skipped - self.skipped_before >= FLOOD_COPIES {
             self.paused_until = Some(now + FLOOD_PAUSE);
             self.flooded_at = Some(now);
+            self.muffle_flooding(now);
         }
     }
 
-    /// Whether copies flood in now (they paused a read within the last [`FLOOD_WINDOW`]).
+    fn muffle_flooding(&mut self, now: tokio::time::Instant) {
+        let Some(muffled) = self.muffled.as_mut() else {
+            return;
+        };
+        let before = muffled.len();
+        self.released
+            .retain(|_, m| now.duration_since(m.since + m.hold) < SAME_FLOOD);
+        for (ifindex, copies) in self.unchanged.copied_links(LINK_FLOOD_COPIES) {
+            if muffled.len() >= muffle::MAX_LINKS || muffled.contains_key(&ifindex) {
+                continue;
+            }
+            let hold = match self.released.remove(&ifindex) {
+                Some(m) => (m.hold * 2).min(MUFFLE_HOLD_MAX),
+                None => {
+                    self.floods.push((ifindex, copies));
+                    MUFFLE_HOLD
+                }
+            };
+            muffled.insert(ifindex, Muffled { since: now, hold });
+        }
+        if muffled.len() != before {
+            tracing::debug!(links = ?muffled.keys(), "muffling links whose notifications flood with copies");
+            self.refilter();
+        }
+    }
+
+    /// Puts the filter in line with the muffled links; if the kernel refuses, muffling ends.
+    fn refilter(&mut self) {
+        let Some(muffled) = self.muffled.as_ref() else {
+            return;
+        };
+        let links: Vec<u32> = muffled.keys().copied().collect();
+        if let Err(e) = muffle::set(self.socket.as_raw_fd(), &links) {
+            tracing::warn!(
+                "cannot filter notification floods any longer ({e}): copies are read and skipped"
+            );
+            let _ = muffle::set(self.socket.as_raw_fd(), &[]);
+            for &l in &links {
+                self.unchanged.forget_link(l);
+            }
+            self.muffled = None;
+        }
+    }
+
+    /// Links whose notifications began to flood since the last call (not those muffled again
+    /// in the same flood), with the copies that made it one: each is told once per flood.
+    pub fn take_floods(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.floods)
+    }
+
+    /// The links muffled now: their changes are told by no notification but their deletion.
+    pub fn muffled(&self) -> impl Iterator<Item = u32> + '_ {
+        self.muffled.iter().flat_map(BTreeMap::keys).copied()
+    }
+
+    /// When the next muffled link is due for release.
+    pub fn next_release(&self) -> Option<tokio::time::Instant> {
+        self.muffled
+            .as_ref()?
+            .values()
+            .map(|m| m.since + m.hold)
+            .min()
+    }
+
+    /// Releases the links muffled for their hold: their notifications come again from now on,
+    /// and what changed while they were muffled is the caller's to fetch, once, now.
+    pub fn release_due(&mut self, now: tokio::time::Instant) -> Vec<u32> {
+        let Some(muffled) = self.muffled.as_mut() else {
+            return Vec::new();
+        };
+        let due: Vec<u32> = muffled
+            .iter()
+            .filter(|(_, m)| now.duration_since(m.since) >= m.hold)
+            .map(|(l, _)| *l)
+            .collect();
+        if due.is_empty() {
+            return due;
+        }
+        for l in &due {
+            if let Some(m) = muffled.remove(l) {
+                self.released.insert(*l, m);
+            }
+            // Its messages were not all seen: the next one is news.
+            self.unchanged.forget_link(*l);
+        }
+        self.refilter();
+        due
+    }
+
+    /// Whether copies flood in now: they paused a read within the last [`FLOOD_WINDOW`], or
+    /// a link is muffled for them.
     pub fn flooding(&self) -> bool {
         self.flooded_at.is_some_and(|t| t.elapsed() < FLOOD_WINDOW)
+            || self.muffled.as_ref().is_some_and(|m| !m.is_empty())
     }
 
     fn read(&mut self) -> io::Result<()> {
@@ -255,14 +397,14 @@ fn decode_datagram(mut rest: &[u8], out: &mut VecDeque<NetlinkEvent>, unchanged:
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
     use super::*;
     use crate::sources::unchanged::tests::bridge;
 
     /// A datagram socket pair: what one end sends, the other reads as it would netlink's.
-    fn pair() -> (OwnedFd, OwnedFd) {
+    pub(in crate::sources) fn pair() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors.
         let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, fds.as_mut_ptr()) };

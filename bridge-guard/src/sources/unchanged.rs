@@ -45,6 +45,8 @@ pub struct Unchanged {
     last: HashMap<(u16, u8, i32), u64, FixedState>,
     /// Copies skipped so far.
     pub skipped: u64,
+    /// Copies skipped per link since the last [`Unchanged::count_afresh`].
+    by_link: HashMap<i32, u64, FixedState>,
 }
 
 impl Unchanged {
@@ -64,9 +66,33 @@ impl Unchanged {
         let print = fingerprint(msg, family);
         if self.last.insert((kind, family, index), print) == Some(print) {
             self.skipped += 1;
+            *self.by_link.entry(index).or_default() += 1;
             return true;
         }
         false
+    }
+
+    /// Links with at least `least` copies skipped since the last [`Unchanged::count_afresh`],
+    /// with their count.
+    pub fn copied_links(&self, least: u64) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.by_link
+            .iter()
+            .filter(move |(_, n)| **n >= least)
+            .filter_map(|(i, n)| Some((u32::try_from(*i).ok()?, *n)))
+    }
+
+    /// Starts the per-link copy counts again.
+    pub fn count_afresh(&mut self) {
+        self.by_link.clear();
+    }
+
+    /// Forgets what link `ifindex` said last: its next message is news whatever it says (its
+    /// messages were not all seen).
+    pub fn forget_link(&mut self, ifindex: u32) {
+        let Ok(index) = i32::try_from(ifindex) else {
+            return;
+        };
+        self.last.retain(|(_, _, i), _| *i != index);
     }
 
     /// Forgets every fingerprint: after lost notifications (or a dump), the last one seen may
@@ -225,6 +251,17 @@ pub(super) mod tests {
         assert!(!u.repeats(&bridge(8, 0, 250, 99, 0)), "another link");
         assert!(u.repeats(&bridge(7, 0, 0, 0, 0)));
         assert_eq!(u.skipped, 2);
+        assert_eq!(
+            u.copied_links(2).collect::<Vec<_>>(),
+            [(7, 2)],
+            "both copies were of 7"
+        );
+        assert_eq!(u.copied_links(3).count(), 0);
+        u.count_afresh();
+        assert_eq!(u.copied_links(1).count(), 0);
+        u.forget_link(8);
+        assert!(!u.repeats(&bridge(8, 0, 250, 99, 0)), "8 forgotten: news");
+        assert!(u.repeats(&bridge(7, 0, 0, 0, 0)), "7 still remembered");
         // Deleted: a link of that index later is new.
         let mut del = bridge(7, 0, 0, 0, 0);
         del[4..6].copy_from_slice(&RTM_DELLINK.to_ne_bytes());
@@ -234,6 +271,7 @@ pub(super) mod tests {
         u.forget();
         assert!(!u.repeats(&bridge(7, 0, 0, 0, 0)));
         assert_eq!(u.len(), 1);
+        assert_eq!(u.skipped, 3);
     }
 
     #[test]
