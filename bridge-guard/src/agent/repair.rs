@@ -281,7 +281,13 @@ impl Agent {
                         sent.fault
                     );
                 } else {
-                    tracing::debug!("repaired again: {action}: {}", sent.fault);
+                    tracing::debug!(
+                        latency_us = acked.saturating_sub(sent.woke) / 1000,
+                        out_us = sent.outage_since.map(|t| acked.saturating_sub(t) / 1000),
+                        trigger = sent.trigger,
+                        "repaired again: {action}: {}",
+                        sent.fault
+                    );
                 }
             }
             // The port has a master again (`ip link set P master OTHER` detaches it for a

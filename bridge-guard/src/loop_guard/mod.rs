@@ -525,7 +525,7 @@ impl LoopGuard {
                 .copied()
                 .filter(|i| model.link(*i).is_some_and(|l| l.oper_up))
                 .collect();
-            s.sync(&up);
+            s.sync(&up, |i| model.link(i).is_some());
         }
         let forwarding = |i: u32| {
             model

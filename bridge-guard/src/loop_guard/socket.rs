@@ -16,6 +16,7 @@ use std::{
         OnceLock,
         mpsc::{SyncSender, TrySendError},
     },
+    time::{Duration, Instant},
 };
 
 use tokio::io::unix::AsyncFd;
@@ -37,9 +38,21 @@ pub struct Received {
 pub struct Sockets {
     epoll: AsyncFd<OwnedFd>,
     ports: BTreeMap<u32, OwnedFd>,
+    /// Sockets of links that were ports and may be again (detached, or without carrier), out
+    /// of the epoll set, with when they were parked: see [`PARK_FOR`].
+    parked: BTreeMap<u32, (OwnedFd, Instant)>,
     /// Ports whose socket could not be opened, and why (each failure is logged once).
     failed: BTreeMap<u32, String>,
 }
+
+/// How long the socket of a port that left (detached, or lost its carrier) stays open for its
+/// return. Closing one waits for an RCU grace period (see [`close_later`]): faults back to
+/// back (a tap detached 120 times a second) closed faster than the closer could, its queue
+/// filled, and each close in place stood the agent still for 15 ms before the re-attach's
+/// answer. A socket parked is one the port takes back at no cost.
+const PARK_FOR: Duration = Duration::from_secs(10);
+/// Sockets parked at most: the oldest is closed first (thousands of taps deleted).
+const MAX_PARKED: usize = 64;
 
 fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
@@ -150,20 +163,35 @@ impl Sockets {
         Ok(Self {
             epoll,
             ports: BTreeMap::new(),
+            parked: BTreeMap::new(),
             failed: BTreeMap::new(),
         })
     }
 
-    /// Opens sockets for ports in `wanted` that have none, closes those of ports not in it.
-    pub fn sync(&mut self, wanted: &BTreeSet<u32>) {
-        let gone: Vec<u32> = self
+    /// Opens sockets for ports in `wanted` that have none (or takes back their parked one),
+    /// and parks those of ports not in it; a parked socket of a link that no longer `exists`,
+    /// or parked too long, is closed.
+    pub fn sync(&mut self, wanted: &BTreeSet<u32>, exists: impl Fn(u32) -> bool) {
+        let now = Instant::now();
+        let left: Vec<u32> = self
             .ports
             .keys()
             .filter(|i| !wanted.contains(i))
             .copied()
             .collect();
-        for i in gone {
+        for i in left {
             if let Some(fd) = self.ports.remove(&i) {
+                self.park(i, fd, now);
+            }
+        }
+        let done: Vec<u32> = self
+            .parked
+            .iter()
+            .filter(|(i, (_, at))| !exists(**i) || now.duration_since(*at) >= PARK_FOR)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in done {
+            if let Some((fd, _)) = self.parked.remove(&i) {
                 close_later(fd);
             }
         }
@@ -172,7 +200,12 @@ impl Sockets {
             if self.ports.contains_key(&ifindex) || self.failed.contains_key(&ifindex) {
                 continue;
             }
-            match open(ifindex).and_then(|fd| {
+            let reopened = self.parked.remove(&ifindex).map(|(fd, _)| {
+                // What it queued while parked is from before: a port back is probed afresh.
+                discard_queued(fd.as_raw_fd());
+                Ok(fd)
+            });
+            match reopened.unwrap_or_else(|| open(ifindex)).and_then(|fd| {
                 let mut ev = libc::epoll_event {
                     events: libc::EPOLLIN as u32,
                     u64: u64::from(ifindex),
@@ -213,6 +246,39 @@ impl Sockets {
                 }
             }
         }
+    }
+
+    /// Takes `fd` (port `ifindex`'s) out of the epoll set and keeps it for the port's return.
+    fn park(&mut self, ifindex: u32, fd: OwnedFd, now: Instant) {
+        // SAFETY: valid epoll and socket fds; a null event is allowed for EPOLL_CTL_DEL.
+        let r = unsafe {
+            libc::epoll_ctl(
+                self.epoll.get_ref().as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd.as_raw_fd(),
+                std::ptr::null_mut(),
+            )
+        };
+        if r != 0 {
+            close_later(fd);
+            return;
+        }
+        if self.parked.len() >= MAX_PARKED {
+            let oldest = self
+                .parked
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(i, _)| *i);
+            if let Some((old, _)) = oldest.and_then(|i| self.parked.remove(&i)) {
+                close_later(old);
+            }
+        }
+        self.parked.insert(ifindex, (fd, now));
+    }
+
+    /// Sockets parked now, for memory checks.
+    pub fn parked(&self) -> usize {
+        self.parked.len()
     }
 
     /// Why `ifindex` has no socket, if opening one failed.
@@ -303,6 +369,25 @@ impl Sockets {
 /// socket stays readable (level-triggered), so the rest is read on the next turn.
 const READ_BATCH: usize = 256;
 
+/// Reads and drops every frame queued on `fd`.
+fn discard_queued(fd: RawFd) {
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: a valid fd and buffer; MSG_TRUNC drops the rest of a longer frame.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 {
+            return;
+        }
+    }
+}
+
 fn read_all(fd: RawFd, ifindex: u32, out: &mut Vec<Received>) {
     let mut buf = [0u8; frame::SNAP_LEN as usize];
     for _ in 0..READ_BATCH {
@@ -313,5 +398,43 @@ fn read_all(fd: RawFd, ifindex: u32, out: &mut Vec<Received>) {
             ifindex,
             frame: buf[..n.min(buf.len())].to_vec(),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loopback in the test's own namespace: a socket bound to it changes nothing on it.
+    const LO: u32 = 1;
+
+    #[tokio::test]
+    async fn a_port_that_leaves_keeps_its_socket_for_its_return() {
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIP: packet sockets need CAP_NET_RAW (run as root)");
+            return;
+        }
+        let mut s = Sockets::new().expect("an epoll set");
+        let port = BTreeSet::from([LO]);
+        s.sync(&port, |_| true);
+        assert!(s.watching(LO), "{:?}", s.failure(LO));
+        let fd = s.ports[&LO].as_raw_fd();
+
+        s.sync(&BTreeSet::new(), |_| true);
+        assert!(!s.watching(LO));
+        assert_eq!(s.parked(), 1, "detached: parked, not closed");
+
+        s.sync(&port, |_| true);
+        assert!(s.watching(LO));
+        assert_eq!(s.ports[&LO].as_raw_fd(), fd, "back: the same socket");
+        assert_eq!(s.parked(), 0);
+        // Back in the epoll set: reading it does not fail.
+        let mut out = Vec::new();
+        s.drain(&mut out);
+
+        s.sync(&BTreeSet::new(), |_| true);
+        s.sync(&BTreeSet::new(), |_| false);
+        assert_eq!(s.parked(), 0, "the link is gone: closed");
     }
 }

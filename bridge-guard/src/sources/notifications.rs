@@ -255,11 +255,15 @@ impl Notifications {
         due
     }
 
-    /// Whether copies flood in now: they paused a read within the last [`FLOOD_WINDOW`], or
-    /// a link is muffled for them.
+    /// Whether a tool floods a link with copies now: a link is muffled for them. Without
+    /// muffling, whether copies paused a read within the last [`FLOOD_WINDOW`]. Copies spread
+    /// over links (faults back to back: each port's change re-sends the bridge too) are no
+    /// fighter, and must not slow the repairs of those faults.
     pub fn flooding(&self) -> bool {
-        self.flooded_at.is_some_and(|t| t.elapsed() < FLOOD_WINDOW)
-            || self.muffled.as_ref().is_some_and(|m| !m.is_empty())
+        match &self.muffled {
+            Some(m) => !m.is_empty(),
+            None => self.flooded_at.is_some_and(|t| t.elapsed() < FLOOD_WINDOW),
+        }
     }
 
     fn read(&mut self) -> io::Result<()> {
