@@ -255,6 +255,22 @@ impl Notifications {
         due
     }
 
+    /// A muffled link deleted (deletions pass the filter) is released at once: no flood of it
+    /// is left to slow fights elsewhere, and its filter slot is free.
+    fn taken(&mut self, ev: &NetlinkEvent) {
+        let NetlinkEvent::Removed { ifindex, .. } = ev else {
+            return;
+        };
+        self.released.remove(ifindex);
+        if self
+            .muffled
+            .as_mut()
+            .is_some_and(|m| m.remove(ifindex).is_some())
+        {
+            self.refilter();
+        }
+    }
+
     /// Whether a tool floods a link with copies now: a link is muffled for them. Without
     /// muffling, whether copies paused a read within the last [`FLOOD_WINDOW`]. Copies spread
     /// over links (faults back to back: each port's change re-sends the bridge too) are no
@@ -280,6 +296,7 @@ impl Notifications {
     pub async fn recv(&mut self) -> io::Result<NetlinkEvent> {
         loop {
             if let Some(ev) = self.pending.pop_front() {
+                self.taken(&ev);
                 return Ok(ev);
             }
             if let Some(until) = self.paused_until {
@@ -312,7 +329,11 @@ impl Notifications {
                 r => r?,
             }
         }
-        Ok(self.pending.pop_front())
+        let ev = self.pending.pop_front();
+        if let Some(ev) = &ev {
+            self.taken(ev);
+        }
+        Ok(ev)
     }
 }
 
@@ -421,6 +442,49 @@ pub(super) mod tests {
         // SAFETY: `datagram` is valid for its length.
         let n = unsafe { libc::send(fd.as_raw_fd(), datagram.as_ptr().cast(), datagram.len(), 0) };
         assert_eq!(usize::try_from(n).ok(), Some(datagram.len()));
+    }
+
+    /// A real netlink socket in the test's namespace (subscribing changes nothing), its filter
+    /// set by the kernel.
+    #[tokio::test]
+    async fn a_muffled_link_deleted_is_released_at_once() {
+        let mut n = Notifications::open().expect("a notification socket");
+        n.muffle_floods();
+        assert!(n.muffled.is_some(), "this kernel takes socket filters");
+        let now = tokio::time::Instant::now();
+        if let Some(m) = n.muffled.as_mut() {
+            m.insert(
+                7,
+                Muffled {
+                    since: now,
+                    hold: MUFFLE_HOLD,
+                },
+            );
+            m.insert(
+                8,
+                Muffled {
+                    since: now,
+                    hold: MUFFLE_HOLD,
+                },
+            );
+        }
+        n.refilter();
+        assert!(n.flooding());
+        n.taken(&NetlinkEvent::Removed {
+            ifindex: 7,
+            name: "br0".into(),
+        });
+        assert_eq!(n.muffled().collect::<Vec<_>>(), [8]);
+        assert_eq!(n.next_release(), Some(now + MUFFLE_HOLD));
+        n.taken(&NetlinkEvent::Removed {
+            ifindex: 8,
+            name: "br1".into(),
+        });
+        assert!(
+            !n.flooding(),
+            "no muffled link left: fights go at full pace"
+        );
+        assert!(n.muffled.is_some(), "muffling still on for the next flood");
     }
 
     #[test]
