@@ -655,9 +655,8 @@ impl Agent {
             match ev {
                 Ok(ev) => {
                     tracing::debug!(%ev, "kernel event");
-                    let at = monotonic_ns();
-                    self.polls.touched(ev.bridge_ifindex, at);
-                    self.polls.touched(ev.port_ifindex, at);
+                    self.polls.touched(ev.bridge_ifindex);
+                    self.polls.touched(ev.port_ifindex);
                     let t = self.model.apply_kernel(&ev);
                     self.record_transitions(&t);
                 }

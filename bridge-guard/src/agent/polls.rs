@@ -13,10 +13,8 @@ use rtnetlink::Handle;
 use tokio::time::{Duration, Instant};
 
 use crate::{
-    model::Ktime,
     rate::FLOOD_RATE_PER_SEC,
     sources::netlink::{self, LinkSnapshot},
-    sys::clock::monotonic_ns,
 };
 
 /// How often a muffled link is polled: what its notifications would tell comes at most this
@@ -31,12 +29,11 @@ const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 /// news a repair is planned on in its log line.
 pub type Why = &'static str;
 
-/// A poll's answer: the link, when it was asked for, and what came (`None`: gone, or no
+/// A poll's answer: the link, and what came (`None`: gone, or no
 /// answer).
 pub struct Polled {
     ifindex: u32,
     why: Why,
-    asked: Ktime,
     link: Option<LinkSnapshot>,
     answered: bool,
 }
@@ -45,10 +42,8 @@ pub struct Polls {
     handle: Handle,
     /// Muffled links, and when each is polled next.
     due: HashMap<u32, Instant>,
-    /// Polls out, by link: when asked.
-    asked: HashMap<u32, Ktime>,
-    /// Links with news since their poll went out: its answer is stale.
-    touched: HashMap<u32, Ktime>,
+    /// Polls out, by link: whether news of it came since (then its answer is stale).
+    asked: HashMap<u32, bool>,
     answers: FuturesUnordered<BoxFuture<'static, Polled>>,
 }
 
@@ -58,7 +53,6 @@ impl Polls {
             handle,
             due: HashMap::new(),
             asked: HashMap::new(),
-            touched: HashMap::new(),
             answers: FuturesUnordered::new(),
         }
     }
@@ -94,8 +88,7 @@ impl Polls {
         if self.asked.contains_key(&ifindex) {
             return;
         }
-        let asked = monotonic_ns();
-        self.asked.insert(ifindex, asked);
+        self.asked.insert(ifindex, false);
         let handle = self.handle.clone();
         self.answers.push(Box::pin(async move {
             let r =
@@ -115,7 +108,6 @@ impl Polls {
             Polled {
                 ifindex,
                 why,
-                asked,
                 link,
                 answered,
             }
@@ -128,9 +120,9 @@ impl Polls {
     }
 
     /// News of `ifindex` from elsewhere: a poll of it out now answers with older news.
-    pub fn touched(&mut self, ifindex: u32, at: Ktime) {
-        if self.asked.contains_key(&ifindex) {
-            self.touched.insert(ifindex, at);
+    pub fn touched(&mut self, ifindex: u32) {
+        if let Some(stale) = self.asked.get_mut(&ifindex) {
+            *stale = true;
         }
     }
 
@@ -152,11 +144,7 @@ impl Polls {
     /// news came meanwhile (then it is polled again) or none came (gone; or unanswered, and
     /// polled again when next due).
     pub fn take(&mut self, p: Polled) -> Taken {
-        self.asked.remove(&p.ifindex);
-        let stale = self
-            .touched
-            .remove(&p.ifindex)
-            .is_some_and(|t| t >= p.asked);
+        let stale = self.asked.remove(&p.ifindex).unwrap_or(false);
         if stale && p.answered {
             self.ask(p.ifindex, p.why);
             return Taken::Stale;

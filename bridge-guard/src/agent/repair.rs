@@ -216,7 +216,7 @@ impl Agent {
                 if let Some(ifindex) = self.muffled_link_of(&sent.action) {
                     // No notification shows what it did: answered once a poll does, in flight
                     // (not planned again) until then. A poll already out is older news.
-                    self.polls.touched(ifindex, monotonic_ns());
+                    self.polls.touched(ifindex);
                     self.polls.ask(ifindex, "poll");
                     self.awaiting_poll.push((ifindex, acked, (sent, result)));
                     continue;

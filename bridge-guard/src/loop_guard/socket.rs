@@ -21,6 +21,8 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
+use crate::sys::sockopt::set as set_option;
+
 use super::frame;
 
 /// `PACKET_IGNORE_OUTGOING` (Linux 4.20), not in the libc crate.
@@ -62,20 +64,6 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, v: &T) -> io::Result<()> {
-    // SAFETY: `v` points to a live value of the size passed.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            std::ptr::from_ref(v).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
 /// A filtered packet socket on `ifindex`.
 fn open(ifindex: u32) -> io::Result<OwnedFd> {
     // Protocol 0 until bound: no frame is queued before the filter is in place.
@@ -94,14 +82,14 @@ fn open(ifindex: u32) -> io::Result<OwnedFd> {
         len: u16::try_from(filter.len()).unwrap_or(u16::MAX),
         filter: filter.as_mut_ptr(),
     };
-    setsockopt(
+    set_option(
         fd.as_raw_fd(),
         libc::SOL_SOCKET,
         libc::SO_ATTACH_FILTER,
         &prog,
     )?;
     // Older kernels lack it; the filter drops outgoing frames there too, after a copy.
-    let _ = setsockopt(
+    let _ = set_option(
         fd.as_raw_fd(),
         libc::SOL_PACKET,
         PACKET_IGNORE_OUTGOING,

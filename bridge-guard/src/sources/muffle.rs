@@ -9,6 +9,8 @@
 
 use std::{io, os::fd::RawFd};
 
+use crate::sys::sockopt;
+
 /// `SO_ATTACH_FILTER` and `SO_DETACH_FILTER` from `asm-generic/socket.h` (libc has them for
 /// Android only); the same on every architecture this runs on but PA-RISC.
 const SO_ATTACH_FILTER: libc::c_int = 26;
@@ -70,23 +72,10 @@ fn program(links: &[u32]) -> Vec<libc::sock_filter> {
 pub fn set(fd: RawFd, links: &[u32]) -> io::Result<()> {
     if links.is_empty() {
         // The value is not used, but the kernel reads an int before it looks at the option.
-        let unused: libc::c_int = 0;
-        // SAFETY: `unused` is an int, alive for the call.
-        let r = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                SO_DETACH_FILTER,
-                std::ptr::from_ref(&unused).cast(),
-                u32::try_from(size_of::<libc::c_int>()).unwrap_or(0),
-            )
-        };
-        let e = io::Error::last_os_error();
-        // ENOENT: no filter was on.
-        return if r == 0 || e.raw_os_error() == Some(libc::ENOENT) {
-            Ok(())
-        } else {
-            Err(e)
+        return match sockopt::set(fd, libc::SOL_SOCKET, SO_DETACH_FILTER, &0 as &libc::c_int) {
+            // ENOENT: no filter was on.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            r => r,
         };
     }
     let mut prog = program(links);
@@ -94,21 +83,8 @@ pub fn set(fd: RawFd, links: &[u32]) -> io::Result<()> {
         len: u16::try_from(prog.len()).unwrap_or(0),
         filter: prog.as_mut_ptr(),
     };
-    // SAFETY: `fprog` points at `prog`, alive for the call; the kernel copies the program.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_ATTACH_FILTER,
-            std::ptr::from_ref(&fprog).cast(),
-            u32::try_from(size_of::<libc::sock_fprog>()).unwrap_or(0),
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // The kernel copies the program, which `fprog` points at, during the call.
+    sockopt::set(fd, libc::SOL_SOCKET, SO_ATTACH_FILTER, &fprog)
 }
 
 #[cfg(test)]

@@ -11,3 +11,4 @@ pub mod memory;
 pub mod netns;
 pub mod notify;
 pub mod process;
+pub mod sockopt;
