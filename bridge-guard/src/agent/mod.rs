@@ -127,6 +127,8 @@ pub struct Agent {
     accounting: Arc<Mutex<Accounting>>,
     /// Ring-buffer losses already resynced for.
     lost_seen: u64,
+    /// eBPF events came since the loss counter was last read.
+    lost_unchecked: bool,
     /// Transitions seen but not yet accounted and logged, with their cause.
     unlogged: Vec<(Transition, &'static str)>,
     /// Bounds the transition lines each port may log.
@@ -247,6 +249,7 @@ impl Agent {
             repairs: BTreeMap::new(),
             accounting: Arc::new(Mutex::new(Accounting::new())),
             lost_seen: 0,
+            lost_unchecked: false,
             unlogged: Vec::new(),
             lines: Coalescer::default(),
             pid: std::process::id(),
@@ -302,11 +305,13 @@ impl Agent {
         self.resync("start").await?;
         let now = monotonic_ns();
         self.step(now, "resync");
+        self.flush_transitions();
         while let Some(answers) = self.requests.next().await {
             let acked = monotonic_ns();
             let trigger = self.gather(&mut Vec::new(), &mut Vec::new());
             self.take_answers(answers, acked);
             self.step(acked, trigger.unwrap_or("resync"));
+            self.flush_transitions();
         }
         self.publish();
         Ok(())
@@ -526,11 +531,19 @@ impl Agent {
                     },
                 }
             }
-            self.step(
+            let sent = self.step(
                 woke,
                 news.or(polled)
                     .unwrap_or(if resynced { "resync" } else { "timer" }),
             );
+            if sent {
+                // The connection's task sends the plan's requests in this yield (the kernel
+                // applies each inside its `sendto`); the turn's log lines and accounting come
+                // after, off the repair's path.
+                tokio::task::yield_now().await;
+            }
+            self.check_counters();
+            self.flush_transitions();
             if let Some(done) = reloaded.take() {
                 let _ = done.send(self.status_line());
             }
@@ -557,7 +570,10 @@ impl Agent {
             .chain(planner::settle_deadline(&self.model, now))
             .min()
             .map(|t| Instant::now() + Duration::from_nanos(t.saturating_sub(now)));
+        // A resync asked for after the turn's plan (a loss found then) runs at once.
+        let resync_now = self.resync_due.map(|_| Instant::now());
         at.into_iter()
+            .chain(resync_now)
             .chain(self.resync_later.map(|(t, _)| t))
             .chain(self.polls.next_due())
             .chain(self.netlink.notifications.next_release())
@@ -638,18 +654,7 @@ impl Agent {
         };
         if !batch.is_empty() {
             *self.acc().events.entry("ebpf").or_default() += batch.len() as u64;
-            // Events the kernel could not queue mean the model may have missed a change.
-            let lost = self.events.as_ref().map_or(0, EventStream::lost);
-            if lost > self.lost_seen {
-                tracing::warn!(
-                    lost = lost - self.lost_seen,
-                    "eBPF events were lost (ring buffer full): resyncing from a dump"
-                );
-                self.lost_seen = lost;
-                self.acc().note_lost_total("ebpf", lost);
-                self.request_resync("ebpf_lost");
-                self.resync_in(FOLLOW_UP, "follow_up");
-            }
+            self.lost_unchecked = true;
         }
         for ev in batch.drain(..) {
             match ev {
@@ -685,6 +690,29 @@ impl Agent {
         }
         self.forget_gone();
         news
+    }
+
+    /// What is read from the kernel's counters once a turn's repairs went out: reading a
+    /// per-CPU map is a few system calls, which a repair must not wait behind.
+    ///
+    /// Events the ring buffer could not queue mean the model may have missed a change: the
+    /// resync asked for runs before the loop sleeps again, and anything planned meanwhile was
+    /// planned from news that was true when it came (a repair checks what it changes).
+    fn check_counters(&mut self) {
+        if std::mem::take(&mut self.lost_unchecked) {
+            let lost = self.events.as_ref().map_or(0, EventStream::lost);
+            if lost > self.lost_seen {
+                tracing::warn!(
+                    lost = lost - self.lost_seen,
+                    "eBPF events were lost (ring buffer full): resyncing from a dump"
+                );
+                self.lost_seen = lost;
+                self.acc().note_lost_total("ebpf", lost);
+                self.request_resync("ebpf_lost");
+                self.resync_in(FOLLOW_UP, "follow_up");
+            }
+        }
+        self.loops.check_flap_counters(monotonic_ns());
     }
 
     fn apply_netlink(&mut self, ev: NetlinkEvent) {

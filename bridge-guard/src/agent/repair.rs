@@ -7,7 +7,10 @@
 
 use std::collections::BTreeSet;
 
-use futures::future::{BoxFuture, join_all};
+use futures::{
+    FutureExt as _,
+    future::{BoxFuture, join_all},
+};
 
 use super::{Agent, actor_text, report};
 use crate::{
@@ -76,9 +79,10 @@ fn by(actor: Option<&str>) -> String {
 
 impl Agent {
     /// One turn's work once the news is in: what is due (fight reports, log summaries), the
-    /// plan and the repairs it calls for, sent without waiting; then the transitions are
-    /// accounted and logged, after their repairs went out.
-    pub(super) fn step(&mut self, woke: Ktime, trigger: Trigger) {
+    /// plan and the repairs it calls for, handed to the netlink connection without waiting.
+    /// Whether any were: the caller lets the connection send them before the transitions are
+    /// accounted and logged (`flush_transitions`).
+    pub(super) fn step(&mut self, woke: Ktime, trigger: Trigger) -> bool {
         let now = monotonic_ns();
         self.limiter
             .set_flood(self.netlink.notifications.flooding());
@@ -89,8 +93,7 @@ impl Agent {
             report::log_coalesced(&s);
         }
         self.account_bridges(now);
-        self.repair(woke, now, trigger);
-        self.flush_transitions();
+        self.repair(woke, now, trigger)
     }
 
     fn account_bridges(&self, now: Ktime) {
@@ -107,7 +110,8 @@ impl Agent {
         }
     }
 
-    fn repair(&mut self, woke: Ktime, now: Ktime, trigger: Trigger) {
+    /// Plans and hands the plan's repairs to the connection; whether there were any.
+    fn repair(&mut self, woke: Ktime, now: Ktime, trigger: Trigger) -> bool {
         // Loop protection first: what it saw decides which ports may forward.
         let found = self.loops.update(&self.model, now);
         self.account_loops(&found);
@@ -139,7 +143,7 @@ impl Agent {
                 }
             }
             self.observed = keys;
-            return;
+            return false;
         }
         let wanted: BTreeSet<String> = plan.actions.iter().map(Action::key).collect();
         self.held.retain(|k, _| wanted.contains(k));
@@ -195,16 +199,25 @@ impl Agent {
             });
         }
         if batch.is_empty() {
-            return;
+            return false;
         }
         let handle = self.netlink.handle.clone();
-        self.requests.push(Box::pin(async move {
+        let mut requests: Requests = Box::pin(async move {
             // join_all polls its futures in order: the requests leave in plan order on one
             // socket, so the kernel takes them in that order, and none waits for another's
             // answer (a recreated bridge's ports cost one round trip, not one each).
             let results = join_all(batch.iter().map(|s| actuator::apply(&handle, &s.action))).await;
             batch.into_iter().zip(results).collect()
-        }));
+        });
+        // Polled once now, so that the requests are queued on the connection before this turn
+        // logs anything; the next poll, from the loop, registers the loop's waker. Answered at
+        // once it cannot be (the connection's task has not run), but if it were, the answers
+        // wait for the loop like any other.
+        match (&mut requests).now_or_never() {
+            Some(answers) => self.requests.push(Box::pin(std::future::ready(answers))),
+            None => self.requests.push(requests),
+        }
+        true
     }
 
     /// What the kernel answered. The notifications a repair caused were queued before its

@@ -62,6 +62,8 @@ use crate::{
 /// announces port-state changes (AF_BRIDGE) without the designated bridge and port.
 const STP_RECHECK_NS: Ktime = 1_000_000_000;
 /// How long a fetch of a port's STP fields may take.
+/// How often the MAC-flap program's loss counters are read at most.
+const COUNTERS_EVERY_NS: Ktime = 1_000_000_000;
 const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a look-up beyond the model found.
@@ -97,8 +99,9 @@ pub struct LoopGuard {
     protected: BTreeSet<String>,
     sockets: Option<Sockets>,
     flaps: Option<FlapStream>,
-    /// The flap program's (lost, not judged) counters at the last look.
+    /// The flap program's (lost, not judged) counters at the last look, and when it was.
     flap_counters: (u64, u64),
+    counters_read: Option<Ktime>,
     holds: Holds,
     nonce: u64,
     /// Source MAC of our probes: locally administered, from the nonce.
@@ -181,6 +184,7 @@ impl LoopGuard {
             sockets: None,
             flaps: None,
             flap_counters: (0, 0),
+            counters_read: None,
             holds: Holds::default(),
             nonce,
             mac: [0x02, n[0], n[1], n[2], n[3], n[4]],
@@ -583,7 +587,6 @@ impl LoopGuard {
             detections.extend(self.holds.observe(s, since));
         }
         self.verified.retain(|b, _| bridges.contains(b));
-        self.check_flap_counters();
 
         due.extend(self.holds.tick(now));
         due.extend(
@@ -618,8 +621,18 @@ impl LoopGuard {
         detections
     }
 
-    fn check_flap_counters(&mut self) {
+    /// Warns of MAC-flap reports lost or not judged since the last look, at most once per
+    /// [`COUNTERS_EVERY_NS`]: reading per-CPU counters costs system calls, so it is done after
+    /// a turn's repairs went out, never on their path.
+    pub fn check_flap_counters(&mut self, at: Ktime) {
         let Some(f) = &self.flaps else { return };
+        if self
+            .counters_read
+            .is_some_and(|t| at.saturating_sub(t) < COUNTERS_EVERY_NS)
+        {
+            return;
+        }
+        self.counters_read = Some(at);
         let now = f.counters();
         let (lost, failed) = (
             now.0.saturating_sub(self.flap_counters.0),

@@ -5,4 +5,5 @@ pub mod link_watch;
 pub mod muffle;
 pub mod netlink;
 pub mod notifications;
+pub mod trim;
 pub mod unchanged;

@@ -392,6 +392,7 @@ fn read(
 
 /// Decodes one datagram's messages into `out`, skipping copies.
 fn decode_datagram(mut rest: &[u8], out: &mut VecDeque<NetlinkEvent>, unchanged: &mut Unchanged) {
+    let mut scratch = Vec::new();
     while rest.len() >= 16 {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if len < 16 || len > rest.len() {
@@ -406,7 +407,10 @@ fn decode_datagram(mut rest: &[u8], out: &mut VecDeque<NetlinkEvent>, unchanged:
             rest = rest.get((len + 3) & !3..).unwrap_or_default();
             continue;
         }
-        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rest[..len]) {
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(super::trim::trim(
+            &rest[..len],
+            &mut scratch,
+        )) {
             Ok(msg) => match &msg.payload {
                 NetlinkPayload::Overrun(_) => out.push_back(NetlinkEvent::Overrun),
                 _ => out.extend(decode(&msg)),
