@@ -61,9 +61,9 @@ use crate::{
 /// How often a blocking port's STP fields are fetched again while it stays blocking: netlink
 /// announces port-state changes (AF_BRIDGE) without the designated bridge and port.
 const STP_RECHECK_NS: Ktime = 1_000_000_000;
-/// How long a fetch of a port's STP fields may take.
 /// How often the MAC-flap program's loss counters are read at most.
 const COUNTERS_EVERY_NS: Ktime = 1_000_000_000;
+/// How long a fetch of a port's STP fields may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What a look-up beyond the model found.
@@ -99,8 +99,9 @@ pub struct LoopGuard {
     protected: BTreeSet<String>,
     sockets: Option<Sockets>,
     flaps: Option<FlapStream>,
-    /// The flap program's (lost, not judged) counters at the last look, and when it was.
+    /// The flap program's (lost, not judged) counters at the last look.
     flap_counters: (u64, u64),
+    /// When that look was.
     counters_read: Option<Ktime>,
     holds: Holds,
     nonce: u64,

@@ -377,6 +377,8 @@ fn read(
         return Err(e);
     }
     let n = usize::try_from(n).unwrap_or(0);
+    // Where each message is trimmed before parsing, one buffer for the whole batch.
+    let mut scratch = Vec::new();
     for (slot, h) in buf.chunks_exact(DATAGRAM).zip(&hdrs).take(n) {
         if h.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
             // Cut short, so lost: a dump has it.
@@ -385,14 +387,18 @@ fn read(
             continue;
         }
         let len = usize::try_from(h.msg_len).unwrap_or(0).min(slot.len());
-        decode_datagram(&slot[..len], out, unchanged);
+        decode_datagram(&slot[..len], out, unchanged, &mut scratch);
     }
     Ok(())
 }
 
 /// Decodes one datagram's messages into `out`, skipping copies.
-fn decode_datagram(mut rest: &[u8], out: &mut VecDeque<NetlinkEvent>, unchanged: &mut Unchanged) {
-    let mut scratch = Vec::new();
+fn decode_datagram(
+    mut rest: &[u8],
+    out: &mut VecDeque<NetlinkEvent>,
+    unchanged: &mut Unchanged,
+    scratch: &mut Vec<u8>,
+) {
     while rest.len() >= 16 {
         let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if len < 16 || len > rest.len() {
@@ -409,7 +415,7 @@ fn decode_datagram(mut rest: &[u8], out: &mut VecDeque<NetlinkEvent>, unchanged:
         }
         match NetlinkMessage::<RouteNetlinkMessage>::deserialize(super::trim::trim(
             &rest[..len],
-            &mut scratch,
+            scratch,
         )) {
             Ok(msg) => match &msg.payload {
                 NetlinkPayload::Overrun(_) => out.push_back(NetlinkEvent::Overrun),
