@@ -269,7 +269,11 @@ impl Agent {
         let mut child = cmd
             .args(args)
             .envs(env.iter().copied())
-            .env("RUST_LOG", "info")
+            // `BG_TEST_LOG` (e.g. `info,bridge_guard=debug`) puts more in a failure's log.
+            .env(
+                "RUST_LOG",
+                std::env::var("BG_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -295,7 +295,8 @@ fn a_bridge_set_down_while_its_notifications_flood_is_raised() -> anyhow::Result
     })?;
     ensure!(
         line.contains(r#"trigger="poll""#) || line.contains(r#""trigger":"poll""#),
-        "br0 was not raised on a poll while muffled: {line}"
+        "br0 was not raised on a poll while muffled: {line}\nlog:\n{}",
+        agent.log_text()
     );
     lab.guests_talk(0, 2, TALK)?;
     Ok(())

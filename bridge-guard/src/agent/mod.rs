@@ -155,6 +155,10 @@ pub struct Agent {
     /// Repairs of muffled links, answered by the kernel, waiting for a poll to show their
     /// effect: link, when answered, the answer.
     awaiting_poll: Vec<(u32, Ktime, repair::Answer)>,
+    /// The muffled link a poll brought fresh news of this turn, and why it was polled: a
+    /// repair of it was planned on that news, whatever else the turn heard (its own
+    /// notifications are dropped; those of its ports, set off by the same change, are not).
+    polled_now: Option<(String, polls::Why)>,
 }
 
 /// Whether the eBPF hooks report every port-state change (the tracepoint tier sees only the
@@ -260,6 +264,7 @@ impl Agent {
             recent_repairs: LastHour::default(),
             status_to: None,
             reloads: None,
+            polled_now: None,
             polls,
             awaiting_poll: Vec::new(),
         };
@@ -585,9 +590,11 @@ impl Agent {
     /// sent.
     fn tend_polls(&mut self, polled: Option<Polled>) -> Option<repair::Trigger> {
         let mut news = None;
+        self.polled_now = None;
         match polled.map(|p| self.polls.take(p)) {
             Some(Taken::Fresh(link, why)) => {
                 let ifindex = link.ifindex;
+                self.polled_now = Some((link.name.clone(), why));
                 let t = self
                     .model
                     .apply_netlink(NetlinkEvent::Link(link), monotonic_ns());

@@ -27,8 +27,8 @@ const FAILURE_LOG_EVERY_NS: u64 = 10_000_000_000;
 
 /// Whose news a repair was planned on, for its log line: `ebpf` when the turn held eBPF
 /// events (applied first), else `netlink`; `poll` or `release` (a muffled link fetched, see
-/// `polls`), `resync` (a dump) or `timer` (a held repair's slot, an answer) when neither
-/// source had news.
+/// `polls`) when neither had news, or for a repair of the link polled; `resync` (a dump) or
+/// `timer` (a held repair's slot, an answer) when none had.
 pub(super) type Trigger = &'static str;
 
 /// A repair sent, with what it is for.
@@ -188,6 +188,10 @@ impl Agent {
             }
             let (fault, outage_since) = self.fault(&action);
             self.in_flight.insert(key.clone(), action.clone());
+            let trigger = match &self.polled_now {
+                Some((link, why)) if action.port().unwrap_or(action.bridge()) == link => *why,
+                _ => trigger,
+            };
             batch.push(Sent {
                 action,
                 key,

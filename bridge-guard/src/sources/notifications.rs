@@ -99,6 +99,11 @@ impl Notifications {
         socket
             .add_membership(RTNLGRP_LINK)
             .map_err(NetlinkError::Subscribe)?;
+        Self::over(socket)
+    }
+
+    /// Notifications read from `socket`, made non-blocking.
+    fn over(socket: Socket) -> Result<Self, NetlinkError> {
         socket
             .set_non_blocking(true)
             .map_err(NetlinkError::Socket)?;
@@ -321,11 +326,16 @@ impl Notifications {
         }
     }
 
-    /// The next notification already queued, without waiting (copies are read past).
+    /// The next notification already queued, without waiting (copies are read past). Emptying
+    /// the socket counts for flood detection as in [`Notifications::recv`]: during a fight
+    /// the agent reads most notifications here, woken by its repairs' answers.
     pub fn try_recv(&mut self) -> io::Result<Option<NetlinkEvent>> {
         while self.pending.is_empty() {
             match self.read() {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.drained();
+                    return Ok(None);
+                }
                 r => r?,
             }
         }
@@ -433,7 +443,7 @@ fn decode_datagram(
 
 #[cfg(test)]
 pub(super) mod tests {
-    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, IntoRawFd as _, OwnedFd};
 
     use super::*;
     use crate::sources::unchanged::tests::bridge;
@@ -495,6 +505,32 @@ pub(super) mod tests {
             "no muffled link left: fights go at full pace"
         );
         assert!(n.muffled.is_some(), "muffling still on for the next flood");
+    }
+
+    /// During a fight the agent takes its notifications between repairs, without waiting
+    /// (`try_recv`): copies read that way make a flood and get their link muffled as well.
+    #[tokio::test(start_paused = true)]
+    async fn copies_taken_without_waiting_make_a_flood() {
+        let (tx, rx) = pair();
+        // SAFETY: `rx` is an open socket, owned by the Socket from now on.
+        let socket = unsafe { Socket::from_raw_fd(rx.into_raw_fd()) };
+        let mut n = Notifications::over(socket).expect("notifications over a socket pair");
+        n.muffle_floods();
+        assert!(n.muffled.is_some(), "this kernel takes socket filters");
+        let copy = bridge(7, 1, 0, 0, 0);
+        let mut news = 0;
+        // Time stands still: all of it within one flood window.
+        for _ in 0..=FLOOD_COPIES / BATCH as u64 {
+            for _ in 0..BATCH {
+                send(&tx, &copy);
+            }
+            while n.try_recv().expect("reads").is_some() {
+                news += 1;
+            }
+        }
+        assert_eq!(news, 1, "the first message is news, the rest copies");
+        assert_eq!(n.take_floods().first().map(|f| f.0), Some(7));
+        assert_eq!(n.muffled().collect::<Vec<_>>(), [7]);
     }
 
     #[test]
