@@ -28,6 +28,8 @@ let
       ../bridge-guard
       ../bridge-guard-common
       ../bridge-guard-ebpf
+      # Patched dependencies, built from here (the workspace's `[patch.crates-io]`).
+      ../third_party
       # Workspace members: cargo reads their manifests even when building one package.
       ../netlab
       ../tests

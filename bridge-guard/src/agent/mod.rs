@@ -195,6 +195,7 @@ impl Agent {
     /// Opens netlink and, if asked, attaches the eBPF hooks (falling back to netlink alone
     /// with a warning when they cannot be had).
     pub fn start(cfg: Config) -> Result<Self, AgentError> {
+        crate::sys::memory::map_large_allocations();
         let mut netlink = Netlink::open()?;
         netlink.notifications.muffle_floods();
         let polls = Polls::new(netlink.handle.clone());

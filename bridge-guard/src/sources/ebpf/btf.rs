@@ -7,21 +7,21 @@
 
 use std::path::Path;
 
-const MAGIC: u16 = 0xeb9f;
+pub const MAGIC: u16 = 0xeb9f;
 const HEADER_MIN: usize = 24;
 
 const KIND_INT: u32 = 1;
-const KIND_PTR: u32 = 2;
+pub const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
 const KIND_FWD: u32 = 7;
-const KIND_TYPEDEF: u32 = 8;
+pub const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
-const KIND_FUNC: u32 = 12;
+pub const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -140,6 +140,30 @@ impl RawBtf {
 
     fn next_id(&self) -> u32 {
         self.first_id + self.types.len() as u32
+    }
+
+    /// The id of the first type of each `(kind, name)` in `wanted`, if this file has one: a
+    /// single pass over its types.
+    pub fn first_ids(&self, wanted: &[(u32, &str)]) -> Vec<Option<u32>> {
+        let mut ids = vec![None; wanted.len()];
+        let set = BtfSet::new(vec![self]);
+        for (i, &at) in self.types.iter().enumerate() {
+            let (Some(name_off), Some(info)) = (u32_at(&self.data, at), u32_at(&self.data, at + 4))
+            else {
+                continue;
+            };
+            let kind = (info >> 24) & 0x1f;
+            if !wanted.iter().any(|&(k, _)| k == kind) {
+                continue;
+            }
+            let name = set.name(name_off);
+            for (slot, &(k, n)) in ids.iter_mut().zip(wanted) {
+                if slot.is_none() && k == kind && n == name {
+                    *slot = Some(self.first_id + i as u32);
+                }
+            }
+        }
+        ids
     }
 }
 

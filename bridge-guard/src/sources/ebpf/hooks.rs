@@ -181,6 +181,15 @@ pub const TIMER_CONTEXT: &[Prog] = &[
     Prog::TpBtf("timer_expire_exit", "timer_expire_exit"),
 ];
 
+/// Every program a hook may load, in any tier (timer context's included; some twice).
+pub fn every_prog() -> impl Iterator<Item = Prog> {
+    HOOKS
+        .iter()
+        .flat_map(|h| h.tiers.iter().flat_map(|(_, progs)| progs.iter()))
+        .chain(TIMER_CONTEXT)
+        .copied()
+}
+
 /// The outcome of selection for one hook.
 #[derive(Clone, Debug, Serialize)]
 pub struct HookReport {

@@ -1,6 +1,7 @@
 //! The eBPF source: loads the embedded programs with offsets from BTF, picks a hook tier per
 //! thing observed, and streams decoded events from the ring buffer.
 
+mod attach_btf;
 mod btf;
 pub mod hooks;
 pub mod offsets;
@@ -120,11 +121,11 @@ impl KernelFacts {
         }
     }
 
-    /// aya's view of the kernel BTF (needed to load fentry/fexit and tp_btf programs); notes
-    /// whether it could be had.
+    /// aya's view of the kernel BTF (needed to load fentry/fexit and tp_btf programs), cut
+    /// down to what the hooks look up (`attach_btf`); notes whether it could be had.
     fn parse_btf(&mut self, opts: &Options) -> Option<Btf> {
-        let btf = Btf::parse_file(opts.btf_dir.join("vmlinux"), aya::Endianness::default());
-        self.btf_loaded = btf.as_ref().map(drop).map_err(ToString::to_string);
+        let btf = attach_btf::read(&opts.btf_dir.join("vmlinux"));
+        self.btf_loaded = btf.as_ref().map(drop).map_err(|e| crate::error_chain(e));
         btf.ok()
     }
 }
@@ -213,10 +214,9 @@ impl Probes {
     /// Loads the programs, picks and attaches a tier per hook, and arms the tracepoint tier if
     /// it was chosen.
     ///
-    /// Memory: vmlinux BTF is parsed one way at a time (aya's loader parses its own copy and
-    /// drops it with the loader, then one more for the programs, dropped once they are
-    /// attached), and the freed heap is handed back to the system afterwards: the agent's
-    /// peak and idle memory are mostly this.
+    /// Memory: vmlinux BTF is read by our own reader, one file at a time (offsets, then the
+    /// ids aya is handed in `attach_btf`); aya's loader parses none (third_party/aya), and the
+    /// freed heap goes back to the system afterwards. Start-up's peak is mostly this.
     pub fn attach(opts: &Options) -> Result<Self, EbpfError> {
         let mut facts = KernelFacts::gather_facts(opts);
         let ebpf = load_object(opts, &facts)?;
@@ -285,11 +285,7 @@ impl Probes {
             return Ok(None);
         }
         self.bridge_code_at_start = true;
-        let btf = Btf::parse_file(
-            self.opts.btf_dir.join("vmlinux"),
-            aya::Endianness::default(),
-        )
-        .ok();
+        let btf = attach_btf::read(&self.opts.btf_dir.join("vmlinux")).ok();
         let mut changed = Vec::new();
         for (spec, report) in hooks::HOOKS.iter().zip(self.hooks.iter_mut()) {
             let was = report.tier;
